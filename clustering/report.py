@@ -1,0 +1,413 @@
+"""Offline inspection report of the specialists' class sets.
+
+A directory with ``index.html``, one ``specialist-NNN.html`` per set and small
+PNGs, readable in a browser without a server: the covariance reordered by set,
+how many sets cover each class, per-set covariance mass and (given a confusion
+matrix) the share of errors that stay inside the set. Built to stay small and
+fast at C = 3,755 (CASIA-style Chinese characters) with 40 sets x 150 classes:
+images are block-averaged or capped, example strips are shared per class.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from clustering.kmeans import _check_cov
+from clustering.quality import chance_pair_share
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["summary", "write_report"]
+
+HEATMAP_PIXELS = 800  # the reordered covariance is block-averaged to at most this size
+EXAMPLES_PER_CLASS = 4
+STRIP_HEIGHT = 48  # example images are downsampled (integer stride) to at most this height
+_CHUNK_BYTES = 64 << 20
+
+
+def summary(
+    cov: torch.Tensor | np.ndarray,
+    class_sets: Sequence[Sequence[int]],
+    *,
+    confusion: np.ndarray | torch.Tensor | None = None,
+) -> dict[str, Any]:
+    """Figures describing a set of class sets, as plain JSON-able values.
+
+    Covariance mass is the positive off-diagonal covariance (co-prediction):
+    ``within_set_mass`` is the share of it between classes sharing a set, next
+    to ``chance_pair_share``, the share of class pairs that share a set.
+    With a confusion matrix (C, C) of counts (rows = true), ``error_share_inside``
+    is the share of errors whose (true, predicted) pair shares a set.
+    """
+    cov_t = _check_cov(cov)
+    c = cov_t.shape[0]
+    sets = _check_sets(class_sets, c)
+    conf = None if confusion is None else _check_confusion(confusion, c)
+    return _summary(cov_t, sets, conf)
+
+
+def write_report(
+    out_dir: str | os.PathLike[str],
+    *,
+    cov: torch.Tensor | np.ndarray,
+    class_names: Sequence[str],
+    class_sets: Sequence[Sequence[int]],
+    examples: Mapping[int, np.ndarray] | None = None,
+    confusion: np.ndarray | torch.Tensor | None = None,
+    method: Mapping[str, Any] | None = None,
+) -> Path:
+    """Writes the report directory atomically and returns the path of its index.html.
+
+    Args:
+        out_dir: the report directory (replaced as a whole if it exists).
+        cov: (C, C) covariance of the generalist's outputs.
+        class_names: C names (any Unicode; pages are UTF-8).
+        class_sets: the specialists' class sets.
+        examples: class index -> uint8 images (n, H, W) or (n, H, W, 3); at most
+            ``EXAMPLES_PER_CLASS`` are shown per class.
+        confusion: (C, C) counts, rows = true class, columns = predicted.
+        method: the clustering options (``describe_method``), shown as is.
+    """
+    cov_t = _check_cov(cov)
+    c = cov_t.shape[0]
+    if len(class_names) != c:
+        raise ValueError(f"class_names has {len(class_names)} names but cov has {c} classes")
+    sets = _check_sets(class_sets, c)
+    conf = None if confusion is None else _check_confusion(confusion, c)
+    examples = _check_examples(examples, c)
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        stats = _summary(cov_t, sets, conf)
+        _write_pages(tmp, cov_t, list(map(str, class_names)), sets, examples, conf, method, stats)
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info("wrote clustering report to %s", out)
+    return out / "index.html"
+
+
+# ------------------------------------------------------------------ figures
+def _summary(cov: torch.Tensor, sets: list[np.ndarray], conf: np.ndarray | None) -> dict[str, Any]:
+    c = cov.shape[0]
+    membership = np.zeros((c, len(sets)), dtype=np.float32)  # (C, M)
+    for m, s in enumerate(sets):
+        membership[s, m] = 1.0
+    coverage = membership.sum(axis=1).astype(np.int64)  # (C,) sets covering each class
+    within = total = 0.0
+    chunk = max(1, _CHUNK_BYTES // (8 * c))
+    for start in range(0, c, chunk):
+        stop = min(c, start + chunk)
+        positive = _positive_offdiag(cov, start, stop)  # (b, C)
+        shares = (membership[start:stop] @ membership.T) > 0  # (b, C) pairs sharing a set
+        within += float(positive[shares].sum())
+        total += float(positive.sum())
+    specialists = []
+    for m, s in enumerate(sets):
+        entry = {"id": m, "size": int(s.size)}
+        rows = cov[torch.from_numpy(s)].numpy().copy()  # (|S|, C)
+        rows[np.arange(s.size), s] = 0.0
+        rows = np.maximum(rows, 0.0)
+        entry["within_set_mass"] = _ratio(rows[:, s].sum(), rows.sum())
+        if conf is not None:
+            entry.update(_set_errors(conf, s))
+        specialists.append(entry)
+    result: dict[str, Any] = {
+        "num_classes": c,
+        "num_specialists": len(sets),
+        "set_size_min": int(min((s.size for s in sets), default=0)),
+        "set_size_max": int(max((s.size for s in sets), default=0)),
+        "set_size_mean": float(np.mean([s.size for s in sets])) if sets else 0.0,
+        "coverage_counts": {int(k): int(n) for k, n in enumerate(np.bincount(coverage))},
+        "uncovered_classes": int((coverage == 0).sum()),
+        "within_set_mass": _ratio(within, total),
+        "chance_pair_share": chance_pair_share([s.tolist() for s in sets], c) if c > 1 else 0.0,
+        "specialists": specialists,
+    }
+    if conf is not None:
+        errors = conf.copy()
+        np.fill_diagonal(errors, 0)
+        inside = 0.0
+        for start in range(0, c, chunk):
+            stop = min(c, start + chunk)
+            shares = (membership[start:stop] @ membership.T) > 0
+            inside += float(errors[start:stop][shares].sum())
+        result["num_errors"] = float(errors.sum())
+        result["error_share_inside"] = _ratio(inside, errors.sum())
+    return result
+
+
+def _positive_offdiag(cov: torch.Tensor, start: int, stop: int) -> np.ndarray:
+    rows = cov[start:stop].numpy().copy()  # (b, C)
+    rows[np.arange(stop - start), np.arange(start, stop)] = 0.0
+    return np.maximum(rows, 0.0)
+
+
+def _set_errors(conf: np.ndarray, s: np.ndarray) -> dict[str, Any]:
+    """Errors of the set's classes (rows), and the share predicted inside the set."""
+    rows = conf[s].astype(np.float64)  # (|S|, C)
+    errors = rows.sum() - rows[np.arange(s.size), s].sum()
+    inside = rows[:, s].sum() - rows[np.arange(s.size), s].sum()
+    return {"num_errors": float(errors), "error_share_inside": _ratio(inside, errors)}
+
+
+def _ratio(a: float, b: float) -> float | None:
+    return float(a) / float(b) if b > 0 else None
+
+
+def _order(sets: list[np.ndarray], c: int) -> np.ndarray:
+    """Classes grouped by set (first set wins for overlaps), uncovered classes last."""
+    seen = np.zeros(c, dtype=bool)
+    order = []
+    for s in sets:
+        new = s[~seen[s]]
+        seen[new] = True
+        order.append(new)
+    order.append(np.flatnonzero(~seen))
+    return np.concatenate(order)
+
+
+def _block_average(cov: torch.Tensor, order: np.ndarray, pixels: int) -> np.ndarray:
+    """The reordered covariance with zeroed diagonal, averaged over (pixels, pixels) blocks."""
+    c = cov.shape[0]
+    p = min(c, pixels)
+    bins = (np.arange(c) * p) // c  # (C,) block of each reordered position
+    starts = np.flatnonzero(np.r_[True, bins[1:] != bins[:-1]])  # (p,)
+    counts = np.bincount(bins, minlength=p).astype(np.float64)
+    image = np.zeros((p, p))
+    chunk = max(1, _CHUNK_BYTES // (8 * c))
+    for start in range(0, c, chunk):
+        positions = np.arange(start, min(c, start + chunk))
+        rows = cov[torch.from_numpy(order[positions])].numpy()[:, order]  # (b, C) reordered
+        rows[np.arange(positions.size), positions] = 0.0
+        np.add.at(image, bins[positions], np.add.reduceat(rows, starts, axis=1))
+    return image / np.outer(counts, counts)
+
+
+# -------------------------------------------------------------------- pages
+def _write_pages(
+    root: Path,
+    cov: torch.Tensor,
+    names: list[str],
+    sets: list[np.ndarray],
+    examples: dict[int, np.ndarray],
+    conf: np.ndarray | None,
+    method: Mapping[str, Any] | None,
+    stats: dict[str, Any],
+) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    c = cov.shape[0]
+    order = _order(sets, c)
+    image = _block_average(cov, order, HEATMAP_PIXELS)
+    limit = float(np.percentile(np.abs(image), 99.5)) or 1.0
+    fig, ax = plt.subplots(figsize=(8, 7), dpi=100)
+    shown = ax.imshow(image, cmap="RdBu_r", vmin=-limit, vmax=limit, interpolation="nearest")
+    fig.colorbar(shown, ax=ax, label="covariance (diagonal set to 0)")
+    ax.set_title(f"covariance of {c} classes, reordered by set (block average {image.shape[0]} px)")
+    fig.savefig(root / "covariance.png")
+    plt.close(fig)
+
+    counts = stats["coverage_counts"]
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.bar(list(counts), list(counts.values()))
+    ax.set_xlabel("number of sets covering a class")
+    ax.set_ylabel("classes")
+    fig.tight_layout()
+    fig.savefig(root / "coverage.png")
+    plt.close(fig)
+
+    strips = _write_strips(root, examples, sorted({int(i) for s in sets for i in s}))
+    for m, s in enumerate(sets):
+        confusion_png = None
+        if conf is not None:
+            confusion_png = f"confusion-{m:03d}.png"
+            block = conf[np.ix_(s, s)].astype(np.float64)
+            scale = max(1, 300 // max(1, s.size))  # small sets: enlarge the cells
+            block = np.kron(np.log1p(block), np.ones((scale, scale)))
+            plt.imsave(root / confusion_png, block, cmap="viridis")
+        page = _specialist_page(m, s, names, strips, stats["specialists"][m], confusion_png, len(sets))
+        (root / f"specialist-{m:03d}.html").write_text(page, encoding="utf-8")
+    (root / "index.html").write_text(_index_page(names, sets, stats, method), encoding="utf-8")
+    summary_json = {k: v for k, v in stats.items()}
+    (root / "summary.json").write_text(json.dumps(summary_json, indent=1), encoding="utf-8")
+
+
+def _write_strips(root: Path, examples: dict[int, np.ndarray], classes: list[int]) -> dict[int, str]:
+    """One PNG per class with up to EXAMPLES_PER_CLASS examples side by side."""
+    import matplotlib.pyplot as plt
+
+    paths = {}
+    if not examples:
+        return paths
+    (root / "strips").mkdir()
+    for i in classes:
+        if i not in examples or len(examples[i]) == 0:
+            continue
+        images = examples[i][:EXAMPLES_PER_CLASS]  # (n, H, W) or (n, H, W, 3)
+        stride = -(-images.shape[1] // STRIP_HEIGHT)
+        images = images[:, ::stride, ::stride]
+        gap = np.full((images.shape[1], 2) + images.shape[3:], 255, dtype=np.uint8)
+        strip = np.concatenate([part for img in images for part in (img, gap)][:-1], axis=1)
+        paths[i] = f"strips/class-{i:05d}.png"
+        if strip.ndim == 2:
+            plt.imsave(root / paths[i], strip, cmap="gray", vmin=0, vmax=255)
+        else:
+            plt.imsave(root / paths[i], strip)
+    return paths
+
+
+_STYLE = (
+    "<style>body{font-family:sans-serif;margin:1.5em}table{border-collapse:collapse}"
+    "td,th{border:1px solid #ccc;padding:2px 6px;text-align:left}"
+    "img.strip{image-rendering:pixelated;height:48px}</style>"
+)
+
+
+def _html(title: str, body: str) -> str:
+    return (
+        f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+        f"{_STYLE}</head><body>\n{body}\n</body></html>\n"
+    )
+
+
+def _fmt(value: float | None) -> str:
+    return "–" if value is None else f"{value:.3f}"
+
+
+def _index_page(
+    names: list[str], sets: list[np.ndarray], stats: dict[str, Any], method: Mapping[str, Any] | None
+) -> str:
+    parts = [f"<h1>Specialist class sets: {len(sets)} sets over {stats['num_classes']} classes</h1>"]
+    if method is not None:
+        parts.append(f"<h2>Method</h2><pre>{html.escape(json.dumps(dict(method), indent=1))}</pre>")
+    figures = [
+        ("set sizes", f"{stats['set_size_min']}–{stats['set_size_max']} (mean {stats['set_size_mean']:.1f})"),
+        ("classes in no set", str(stats["uncovered_classes"])),
+        ("positive covariance mass within sets", _fmt(stats["within_set_mass"])),
+        ("share of class pairs within sets (chance)", _fmt(stats["chance_pair_share"])),
+    ]
+    if "error_share_inside" in stats:
+        figures.append(("share of errors within sets", _fmt(stats["error_share_inside"])))
+    parts.append("<h2>Summary</h2><table>")
+    parts += [f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in figures]
+    parts.append("</table>")
+    parts.append('<h2>Covariance</h2><img src="covariance.png" alt="covariance heatmap">')
+    parts.append('<h2>Coverage</h2><img src="coverage.png" alt="coverage histogram">')
+    has_errors = "error_share_inside" in stats
+    parts.append("<h2>Specialists</h2><table><tr><th>specialist</th><th>size</th>"
+                 "<th>covariance mass within</th>" + ("<th>errors within</th>" if has_errors else "")
+                 + "<th>first classes</th></tr>")
+    for m, s in enumerate(sets):
+        entry = stats["specialists"][m]
+        first = ", ".join(html.escape(names[i]) for i in s[:8]) + (" …" if s.size > 8 else "")
+        errors = f"<td>{_fmt(entry.get('error_share_inside'))}</td>" if has_errors else ""
+        parts.append(
+            f'<tr><td><a href="specialist-{m:03d}.html">specialist {m}</a></td><td>{s.size}</td>'
+            f"<td>{_fmt(entry['within_set_mass'])}</td>{errors}<td>{first}</td></tr>"
+        )
+    parts.append("</table>")
+    return _html("Specialist class sets", "\n".join(parts))
+
+
+def _specialist_page(
+    m: int,
+    s: np.ndarray,
+    names: list[str],
+    strips: dict[int, str],
+    entry: dict[str, Any],
+    confusion_png: str | None,
+    num_sets: int,
+) -> str:
+    nav = ['<p><a href="index.html">index</a>']
+    if m > 0:
+        nav.append(f' · <a href="specialist-{m - 1:03d}.html">previous</a>')
+    if m + 1 < num_sets:
+        nav.append(f' · <a href="specialist-{m + 1:03d}.html">next</a>')
+    parts = ["".join(nav) + "</p>", f"<h1>Specialist {m}: {s.size} classes</h1>"]
+    parts.append(f"<p>positive covariance mass within the set: {_fmt(entry['within_set_mass'])}")
+    if "error_share_inside" in entry:
+        parts.append(
+            f"<br>errors of these classes: {entry['num_errors']:.0f}, share predicted inside "
+            f"the set: {_fmt(entry['error_share_inside'])}"
+        )
+    parts.append("</p>")
+    if confusion_png is not None:
+        parts.append(f'<h2>Confusion within the set (log scale, rows = true)</h2>'
+                     f'<img src="{confusion_png}" alt="confusion matrix">')
+    parts.append("<h2>Classes</h2><table><tr><th>class</th><th>name</th><th>examples</th></tr>")
+    for i in s:
+        strip = f'<img class="strip" src="{strips[i]}" alt="">' if i in strips else ""
+        parts.append(f"<tr><td>{i}</td><td>{html.escape(names[i])}</td><td>{strip}</td></tr>")
+    parts.append("</table>")
+    return _html(f"Specialist {m}", "\n".join(parts))
+
+
+def _replace_dir(new: Path, out: Path) -> None:
+    """Puts `new` at `out`; an old `out` is renamed away first and removed after."""
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.replace(out, old / "report")
+        os.replace(new, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(new, out)
+    os.chmod(out, 0o755)
+
+
+# --------------------------------------------------------------- validation
+def _check_sets(class_sets: Sequence[Sequence[int]], c: int) -> list[np.ndarray]:
+    sets = []
+    for m, s in enumerate(class_sets):
+        array = np.unique(np.asarray(list(s), dtype=np.int64))
+        if array.size == 0:
+            raise ValueError(f"class_sets[{m}] is empty")
+        if array[0] < 0 or array[-1] >= c:
+            raise ValueError(f"class_sets[{m}] has a class outside 0..{c - 1}")
+        sets.append(array)
+    return sets
+
+
+def _check_confusion(confusion: np.ndarray | torch.Tensor, c: int) -> np.ndarray:
+    if isinstance(confusion, torch.Tensor):
+        confusion = confusion.detach().cpu().numpy()
+    conf = np.asarray(confusion)
+    if conf.shape != (c, c):
+        raise ValueError(f"confusion has shape {conf.shape} but expected ({c}, {c})")
+    if not np.isfinite(conf).all() or (conf < 0).any():
+        raise ValueError("confusion must hold finite, non-negative counts")
+    return conf
+
+
+def _check_examples(examples: Mapping[int, np.ndarray] | None, c: int) -> dict[int, np.ndarray]:
+    checked: dict[int, np.ndarray] = {}
+    for key, images in (examples or {}).items():
+        i = int(key)
+        if not 0 <= i < c:
+            raise ValueError(f"examples has class {key} outside 0..{c - 1}")
+        array = np.asarray(images)
+        if array.dtype != np.uint8 or not (
+            array.ndim == 3 or (array.ndim == 4 and array.shape[3] == 3)
+        ):
+            raise ValueError(
+                f"examples[{key}] has shape {array.shape} and dtype {array.dtype} "
+                "but expected uint8 (n, H, W) or (n, H, W, 3)"
+            )
+        checked[i] = array
+    return checked
