@@ -1,0 +1,95 @@
+"""Class sets of the specialists as padded index tables (shared by routing, solver, engine)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+ClassSets = Sequence[Tensor | Sequence[int]]
+
+
+@dataclass(frozen=True)
+class SetTable:
+    """The M class sets Sᵐ over C classes, on one device.
+
+    table:  (M, S) long, row m = sorted Sᵐ padded with C (a sentinel class).
+    sizes:  (M,) long, |Sᵐ|.
+    member: (C, M) bool, member[j, m] = j ∈ Sᵐ.
+    """
+
+    num_classes: int
+    table: Tensor
+    sizes: Tensor
+    member: Tensor
+    size_list: tuple[int, ...]
+
+    @property
+    def num_specialists(self) -> int:
+        return len(self.size_list)
+
+
+def check_class_sets(class_sets: ClassSets, num_classes: int, device: torch.device) -> SetTable:
+    """Validate ``class_sets`` (a list of M index tensors or lists) and build a SetTable."""
+    if isinstance(class_sets, Tensor) or not isinstance(class_sets, Sequence):
+        raise ValueError(
+            f"class_sets must be a list of M index tensors or lists, got {type(class_sets).__name__}"
+        )
+    if len(class_sets) == 0:
+        raise ValueError("class_sets must hold at least one class set, got an empty list")
+    rows = []
+    for m, s in enumerate(class_sets):
+        t = torch.as_tensor(s, device=device)
+        if t.ndim != 1 or t.numel() == 0:
+            raise ValueError(
+                f"class_sets[{m}] must be a non-empty 1-D list of class indices, got shape "
+                f"{tuple(t.shape)}"
+            )
+        if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+            raise ValueError(f"class_sets[{m}] must hold integer class indices, got {t.dtype}")
+        t = t.long()
+        lo, hi = int(t.min()), int(t.max())
+        if lo < 0 or hi >= num_classes:
+            raise ValueError(
+                f"class_sets[{m}] holds class {lo if lo < 0 else hi}, expected indices in "
+                f"[0, {num_classes}) (C = {num_classes} columns of p_general)"
+            )
+        t = torch.sort(t).values
+        if t.numel() > 1 and bool((t[1:] == t[:-1]).any()):
+            raise ValueError(f"class_sets[{m}] lists a class more than once")
+        rows.append(t)
+    return build_set_table(rows, num_classes)
+
+
+def build_set_table(rows: list[Tensor], num_classes: int) -> SetTable:
+    """Build the table from already valid, sorted, unique long tensors on one device."""
+    sizes = [int(r.numel()) for r in rows]
+    width = max(sizes)
+    device = rows[0].device
+    table = torch.full((len(rows), width), num_classes, dtype=torch.long, device=device)
+    for m, r in enumerate(rows):
+        table[m, : r.numel()] = r
+    member = torch.zeros(num_classes + 1, len(rows), dtype=torch.bool, device=device)
+    member[table, torch.arange(len(rows), device=device)[:, None]] = True
+    return SetTable(
+        num_classes=num_classes,
+        table=table,
+        sizes=torch.tensor(sizes, dtype=torch.long, device=device),
+        member=member[:num_classes],
+        size_list=tuple(sizes),
+    )
+
+
+def table_on(tab: SetTable, device: torch.device) -> SetTable:
+    """The same table on ``device`` (no copy if already there)."""
+    if tab.table.device == device:
+        return tab
+    return SetTable(
+        num_classes=tab.num_classes,
+        table=tab.table.to(device),
+        sizes=tab.sizes.to(device),
+        member=tab.member.to(device),
+        size_list=tab.size_list,
+    )

@@ -1,0 +1,119 @@
+"""The ``specialists`` command line: one subcommand per pipeline stage."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+
+from .errors import UserError, one_line
+
+log = logging.getLogger("specialists")
+
+EPILOG = """Stages run in order: prepare → train-generalist → cluster → train-specialists → evaluate.
+Every stage reads one run config (--config configs/X.yaml) and can override it with
+--set section.key=value. See README.md."""
+
+
+def add_config_args(p: argparse.ArgumentParser, *, required: bool = True) -> None:
+    p.add_argument("--config", required=required, help="run config YAML (e.g. configs/fashion-mnist.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one config value (repeatable), e.g. --set generalist.epochs=2")
+
+
+def _load(args: argparse.Namespace):
+    from .config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from .config import load_config
+    from .prepare import prepare
+    from .summary import summarize
+
+    cfg = load_config(args.config, args.overrides)
+    data = cfg.data
+    syn = data.synthetic
+    syn_overrides = {k: v for k, v in {
+        "num_classes": args.num_classes, "train_per_class": args.samples_per_class,
+        "image_size": args.image_size, "group_size": args.group_size,
+    }.items() if v is not None}
+    syn = replace(syn, **syn_overrides)
+    source = args.source or data.source
+    out = args.out or data.shards
+    seed = data.split_seed if args.seed is None else args.seed
+    shard_size = args.shard_size or data.shard_size
+    path = prepare(source, out, seed=seed, shard_size=shard_size, force=args.force, synthetic_cfg=syn,
+                   val_fraction=data.val_fraction, test_fraction=data.test_fraction)
+    print(summarize(path, read=args.verify))
+    return 0
+
+
+def cmd_summary(args: argparse.Namespace) -> int:
+    from .summary import summarize
+
+    print(summarize(args.shards, read=args.verify))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="specialists",
+        description="Generalist + specialists ensembles (Hinton, Vinyals & Dean 2015).",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("prepare", help="turn a data source into WebDataset shards",
+                       description="Write train/val/test shards, by-class shards, classes.json and index.json. "
+                                   "Sources: fashion-mnist[:DIR] (idx .gz files, default "
+                                   "/usr/share/datasets/fashion-mnist), imagefolder:DIR (one folder per class, "
+                                   "optionally under train/ val/ test/), synthetic (planted confusable groups).")
+    add_config_args(p, required=False)
+    p.add_argument("--source", help="fashion-mnist[:DIR] | imagefolder:DIR | synthetic (default: data.source)")
+    p.add_argument("--out", help="output directory (default: data.shards)")
+    p.add_argument("--seed", type=int, help="seed of the val split and shuffling (default: data.split_seed)")
+    p.add_argument("--shard-size", type=int, help="samples per shard (default: data.shard_size)")
+    p.add_argument("--force", action="store_true", help="redo even if OUT is already prepared")
+    p.add_argument("--verify", action="store_true", help="read every shard back and check it against the index")
+    g = p.add_argument_group("synthetic source")
+    g.add_argument("--num-classes", type=int, help="number of classes (2..15000)")
+    g.add_argument("--samples-per-class", type=int, help="training samples per class")
+    g.add_argument("--image-size", type=int, help="image side in pixels")
+    g.add_argument("--group-size", type=int, help="classes per planted confusable group")
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("summary", help="print what a prepared shard directory holds")
+    p.add_argument("shards", help="prepared shard directory")
+    p.add_argument("--verify", action="store_true", help="read every shard back and check it against the index")
+    p.set_defaults(func=cmd_summary)
+    return parser
+
+
+def run_command(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    try:
+        return func(args)
+    except UserError as exc:
+        print(f"error: {one_line(exc)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    return run_command(args.func, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,285 @@
+"""Reading prepared shards: the WebDataset pipeline every stage uses.
+
+Two kinds of epoch:
+
+* **train** (:func:`train_batches`): shards shuffled per epoch (same order on
+  every rank), split by node then by DataLoader worker, a shuffle buffer in each
+  worker, augmentation, and a fixed number of batches per rank computed from the
+  index — every rank runs the same number of steps, so DDP never hangs on
+  uneven shards. With one process an epoch is an exact pass over the split.
+* **eval** (:func:`eval_batches`): every sample of the split exactly once over
+  all ranks; batches are padded to a fixed size with a ``valid`` mask so that
+  they can be gathered across ranks and the padding dropped.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+from torchvision.transforms import v2
+
+from .config import DataConfig
+from .errors import DataError
+from .io import read_json
+
+IMAGE_KEYS = ("png", "jpg", "jpeg")
+
+
+@dataclass(frozen=True)
+class ShardIndex:
+    """What ``prepare`` wrote: class names, shards and per-class counts (read, never scanned)."""
+
+    root: Path
+    class_names: list[str]
+    meta: dict
+
+    @classmethod
+    def load(cls, root: str | Path) -> ShardIndex:
+        root = Path(root)
+        index_path = root / "index.json"
+        if not index_path.is_file():
+            raise DataError(f"{root}: no prepared shards here (index.json missing); run `specialists prepare` first")
+        try:
+            meta = read_json(index_path)
+            names = read_json(root / "classes.json")
+        except (OSError, ValueError) as exc:
+            raise DataError(f"{root}: cannot read index.json/classes.json ({exc})") from None
+        if len(names) != meta.get("num_classes"):
+            raise DataError(f"{root}/classes.json: {len(names)} names but index.json says {meta.get('num_classes')} classes")
+        return cls(root, list(names), meta)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def splits(self) -> list[str]:
+        return list(self.meta["splits"])
+
+    def _split(self, split: str) -> dict:
+        try:
+            return self.meta["splits"][split]
+        except KeyError:
+            raise DataError(f"{self.root}: no {split!r} split (have: {', '.join(self.splits)})") from None
+
+    def shards(self, split: str) -> list[tuple[str, int]]:
+        """(url, count) for every shard of ``split``."""
+        return [(str(self.root / s["name"]), s["count"]) for s in self._split(split)["shards"]]
+
+    def count(self, split: str) -> int:
+        return self._split(split)["count"]
+
+    def class_counts(self, split: str) -> np.ndarray:
+        return np.asarray(self._split(split)["class_counts"], dtype=np.int64)
+
+    def byclass_shards(self, classes: Sequence[int]) -> list[tuple[str, int]]:
+        """(url, count of the wanted classes in it) for the by-class shards holding ``classes``."""
+        byclass = self.meta["byclass"]
+        wanted: dict[int, int] = {}
+        for c in classes:
+            for shard, n in byclass["classes"][c]:
+                wanted[shard] = wanted.get(shard, 0) + n
+        return [(str(self.root / byclass["shards"][s]["name"]), n) for s, n in sorted(wanted.items())]
+
+    def check_exists(self) -> None:
+        for split in self.splits:
+            for url, _ in self.shards(split):
+                if not Path(url).is_file():
+                    raise DataError(f"{url}: shard listed in index.json is missing")
+
+
+def build_transform(cfg: DataConfig, *, train: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+    """uint8 (C, H, W) → normalised float32 (C, S, S), augmented when ``train``."""
+    size = cfg.image_size
+    steps: list = []
+    if train and cfg.augment == "crop-flip":
+        steps += [v2.Resize(size, antialias=True), v2.CenterCrop(size), v2.RandomCrop(size, padding=cfg.crop_padding), v2.RandomHorizontalFlip()]
+    elif train and cfg.augment == "random-resized-crop":
+        steps += [v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip()]
+    else:
+        steps += [v2.Resize(size, antialias=True), v2.CenterCrop(size)]
+    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(cfg.mean), list(cfg.std))]
+    return v2.Compose(steps)
+
+
+def _raise_data_error(exn: Exception) -> bool:
+    """WebDataset handler: turn any read/decode failure into a one-line DataError naming the shard."""
+    where = getattr(exn, "url", None)
+    key = getattr(exn, "key", None)
+    if where is None:
+        where = next((a for a in reversed(exn.args) if isinstance(a, str) and (a.endswith(".tar") or "/" in a)), None)
+    cause = exn.__cause__ or exn
+    label = f"{where}" + (f" (sample {key})" if key else "")
+    message = str(cause.args[0]) if cause.args else cause.__class__.__name__
+    raise DataError(f"{label or 'shard'}: {cause.__class__.__name__}: {message}")
+
+
+class ToExample:
+    """Decoded sample dict → (image float tensor, label int), checking label and channels."""
+
+    def __init__(self, transform: Callable, num_classes: int, channels: int) -> None:
+        self.transform = transform
+        self.num_classes = num_classes
+        self.mode = "L" if channels == 1 else "RGB"
+
+    def __call__(self, sample: dict) -> tuple[torch.Tensor, int]:
+        image = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
+        where = f"{sample.get('__url__')} (sample {sample.get('__key__')})"
+        if image is None:
+            raise DataError(f"{where}: no .png/.jpg image in the sample")
+        label = sample.get("cls")
+        if not isinstance(label, int) or not 0 <= label < self.num_classes:
+            raise DataError(f"{where}: label {label!r} outside classes.json (expected 0..{self.num_classes - 1})")
+        array = np.asarray(image.convert(self.mode))
+        tensor = torch.from_numpy(array.copy())
+        tensor = tensor[None] if tensor.ndim == 2 else tensor.permute(2, 0, 1)
+        return self.transform(tensor), label
+
+
+def _decode_pil(key: str, data: bytes):
+    if key.rsplit(".", 1)[-1].lower() not in IMAGE_KEYS:
+        return None
+    import io
+
+    with Image.open(io.BytesIO(data)) as img:
+        img.load()
+        return img.copy()
+
+
+def _worker_shuffle(bufsize: int, seed: tuple[int, ...]):
+    """A shuffle buffer whose RNG depends on the DataLoader worker (reproducible, distinct)."""
+
+    def stage(src):
+        info = torch.utils.data.get_worker_info()
+        rng = random.Random(hash((*seed, info.id if info else 0)))
+        return wds.filters._shuffle(src, bufsize, min(bufsize, 100), rng)
+
+    return stage
+
+
+def _dataset(urls: list[str], example: ToExample, batch_size: int, shuffle: Callable | None) -> wds.WebDataset:
+    ds = wds.WebDataset(urls, shardshuffle=False, nodesplitter=None, workersplitter=wds.split_by_worker,
+                        empty_check=False, handler=_raise_data_error)
+    if shuffle is not None:
+        ds = ds.compose(shuffle)
+    return ds.decode(_decode_pil, handler=_raise_data_error).map(example).batched(batch_size, partial=True)
+
+
+def _loader(ds, num_workers: int, seed: int) -> wds.WebLoader:
+    generator = torch.Generator().manual_seed(seed)
+    return wds.WebLoader(ds, batch_size=None, num_workers=num_workers, generator=generator,
+                         persistent_workers=False, prefetch_factor=4 if num_workers else None)
+
+
+class Batches:
+    """An iterable of batches with a known length (the same on every rank)."""
+
+    def __init__(self, make_iter: Callable[[], Iterator], num_batches: int) -> None:
+        self._make_iter = make_iter
+        self.num_batches = num_batches
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self) -> Iterator:
+        return self._make_iter()
+
+
+def split_shards(shards: list[tuple[str, int]], rank: int, world_size: int) -> list[tuple[str, int]]:
+    """This rank's shards (node split: every ``world_size``-th shard from ``rank``)."""
+    return shards[rank::world_size]
+
+
+def train_batches(
+    index: ShardIndex,
+    cfg: DataConfig,
+    *,
+    epoch: int,
+    seed: int,
+    rank: int = 0,
+    world_size: int = 1,
+    split: str = "train",
+    transform: Callable | None = None,
+) -> Batches:
+    """One training epoch of ``(images (B, C, S, S), labels (B,))`` batches for this rank."""
+    shards = index.shards(split)
+    if len(shards) < world_size:
+        raise DataError(f"{index.root}: {split} has {len(shards)} shards but {world_size} processes; "
+                        "re-run prepare with a smaller --shard-size")
+    order = np.random.default_rng([seed, epoch, 3]).permutation(len(shards))
+    shuffled = [shards[i] for i in order]
+    per_rank = [sum(n for _, n in split_shards(shuffled, r, world_size)) for r in range(world_size)]
+    bs = cfg.batch_size
+    num_batches = min(math.ceil(n / bs) for n in per_rank)
+    mine = [url for url, _ in split_shards(shuffled, rank, world_size)]
+    example = ToExample(transform or build_transform(cfg, train=True), index.num_classes, cfg.channels)
+    shuffle = _worker_shuffle(cfg.shuffle_buffer, (seed, epoch, rank)) if cfg.shuffle_buffer > 1 else None
+
+    def make_iter() -> Iterator:
+        ds = _dataset(mine, example, bs, shuffle)
+        loader = _loader(ds, min(cfg.num_workers, len(mine)), seed=hash((seed, epoch, rank)) % 2**62)
+        return iter(loader.unbatched().batched(bs, partial=True).slice(num_batches))
+
+    return Batches(make_iter, num_batches)
+
+
+def eval_batches(
+    index: ShardIndex,
+    cfg: DataConfig,
+    split: str,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    batch_size: int | None = None,
+    transform: Callable | None = None,
+) -> Batches:
+    """Every sample of ``split`` exactly once across ranks, as ``(images, labels, valid)``.
+
+    Batches have exactly ``batch_size`` rows; padding rows have ``valid == False``.
+    Ranks with fewer samples yield all-padding batches so every rank has the same count.
+    """
+    shards = index.shards(split)
+    bs = batch_size or cfg.eval_batch_size
+    per_rank = [sum(n for _, n in split_shards(shards, r, world_size)) for r in range(world_size)]
+    num_batches = max(math.ceil(n / bs) for n in per_rank)
+    mine = [url for url, _ in split_shards(shards, rank, world_size)]
+    expected = per_rank[rank]
+    example = ToExample(transform or build_transform(cfg, train=False), index.num_classes, cfg.channels)
+    shape = (cfg.channels, cfg.image_size, cfg.image_size)
+
+    def make_iter() -> Iterator:
+        seen = 0
+        produced = 0
+        if mine:
+            ds = _dataset(mine, example, bs, None)
+            loader = _loader(ds, min(cfg.num_workers, len(mine)), seed=0)
+            for images, labels in loader.unbatched().batched(bs, partial=True):
+                n = len(labels)
+                seen += n
+                yield _pad(images, labels, bs)
+                produced += 1
+        if seen != expected:
+            raise DataError(f"{index.root}: {split} shards of rank {rank} hold {seen} samples, index.json says {expected}")
+        for _ in range(num_batches - produced):
+            yield torch.zeros((bs, *shape)), torch.zeros(bs, dtype=torch.long), torch.zeros(bs, dtype=torch.bool)
+
+    return Batches(make_iter, num_batches)
+
+
+def _pad(images: torch.Tensor, labels: torch.Tensor, bs: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    n = len(labels)
+    labels = torch.as_tensor(labels, dtype=torch.long)
+    valid = torch.ones(bs, dtype=torch.bool)
+    if n < bs:
+        images = torch.cat([images, images.new_zeros((bs - n, *images.shape[1:]))])
+        labels = torch.cat([labels, labels.new_zeros(bs - n)])
+        valid[n:] = False
+    return images, labels, valid

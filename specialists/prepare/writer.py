@@ -1,0 +1,87 @@
+"""Writing WebDataset shards: split shards, by-class shards and their index."""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import webdataset as wds
+from PIL import Image
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Record:
+    """One sample to write. ``payload`` is encoded image bytes or a zero-arg loader of them."""
+
+    key: str
+    label: int
+    ext: str  # "png" | "jpg"
+    payload: bytes | Callable[[], bytes]
+
+    def data(self) -> bytes:
+        return self.payload if isinstance(self.payload, bytes) else self.payload()
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """uint8 (H, W) or (H, W, 3) array → PNG bytes (lossless)."""
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def array_records(prefix: str, images: np.ndarray, labels: np.ndarray) -> list[Record]:
+    return [
+        Record(f"{prefix}{i:08d}", int(label), "png", encode_png(image))
+        for i, (image, label) in enumerate(zip(images, labels, strict=True))
+    ]
+
+
+def write_shards(
+    out_dir: Path, pattern: str, records: Sequence[Record], shard_size: int, *, desc: str
+) -> list[dict]:
+    """Write ``records`` in order into ``pattern % i`` shards of at most ``shard_size`` samples.
+
+    Returns one ``{"name", "count"}`` entry per shard, in order.
+    """
+    shards: list[dict] = []
+    for start in tqdm(range(0, len(records), shard_size), desc=desc, unit="shard", leave=False):
+        name = pattern % len(shards)
+        chunk = records[start : start + shard_size]
+        with wds.TarWriter(str(out_dir / name)) as sink:
+            for rec in chunk:
+                sink.write({"__key__": rec.key, rec.ext: rec.data(), "cls": str(rec.label).encode()})
+        shards.append({"name": name, "count": len(chunk)})
+    return shards
+
+
+def write_split(out_dir: Path, split: str, records: Sequence[Record], num_classes: int, shard_size: int) -> dict:
+    """Write one split (already in the order wanted) and return its index entry."""
+    shards = write_shards(out_dir, f"{split}-%06d.tar", records, shard_size, desc=split)
+    counts = np.bincount([r.label for r in records], minlength=num_classes)
+    return {"count": len(records), "class_counts": counts.tolist(), "shards": shards}
+
+
+def write_by_class(out_dir: Path, records: Sequence[Record], num_classes: int, shard_size: int) -> dict:
+    """Write the train split again, sorted by class, so a specialist can read only its classes.
+
+    A class's samples are contiguous: they fill part of one shard or span a few.
+    The index maps each class to ``[[shard_number, count], ...]``.
+    """
+    ordered = sorted(records, key=lambda r: r.label)  # stable: keeps the shuffled order within a class
+    shards = write_shards(out_dir, "byclass-%06d.tar", ordered, shard_size, desc="by-class")
+    classes: list[list[list[int]]] = [[] for _ in range(num_classes)]
+    for position, rec in enumerate(ordered):
+        shard = position // shard_size
+        entries = classes[rec.label]
+        if entries and entries[-1][0] == shard:
+            entries[-1][1] += 1
+        else:
+            entries.append([shard, 1])
+    return {"shards": shards, "classes": classes}
