@@ -18,12 +18,14 @@ class SetTable:
     table:  (M, S) long, row m = sorted Sᵐ padded with C (a sentinel class).
     sizes:  (M,) long, |Sᵐ|.
     member: (C, M) bool, member[j, m] = j ∈ Sᵐ.
+    member_bits: (C, W) int64, the same as bit words: bit m % 63 of word m // 63.
     """
 
     num_classes: int
     table: Tensor
     sizes: Tensor
     member: Tensor
+    member_bits: Tensor
     size_list: tuple[int, ...]
 
     @property
@@ -73,13 +75,28 @@ def build_set_table(rows: list[Tensor], num_classes: int) -> SetTable:
         table[m, : r.numel()] = r
     member = torch.zeros(num_classes + 1, len(rows), dtype=torch.bool, device=device)
     member[table, torch.arange(len(rows), device=device)[:, None]] = True
+    member = member[:num_classes]
     return SetTable(
         num_classes=num_classes,
         table=table,
         sizes=torch.tensor(sizes, dtype=torch.long, device=device),
-        member=member[:num_classes],
+        member=member,
+        member_bits=to_bits(member),
         size_list=tuple(sizes),
     )
+
+
+BITS_PER_WORD = 63
+
+
+def to_bits(mask: Tensor) -> Tensor:
+    """(..., M) bool -> (..., W) int64 bit words, W = ceil(M / 63) (bit m % 63 of word m // 63)."""
+    num = mask.shape[-1]
+    words = -(-num // BITS_PER_WORD)
+    padded = torch.zeros(*mask.shape[:-1], words * BITS_PER_WORD, dtype=torch.long, device=mask.device)
+    padded[..., :num] = mask.long()
+    shifts = torch.arange(BITS_PER_WORD, device=mask.device)
+    return (padded.view(*mask.shape[:-1], words, BITS_PER_WORD) << shifts).sum(-1)
 
 
 def table_on(tab: SetTable, device: torch.device) -> SetTable:
@@ -91,5 +108,6 @@ def table_on(tab: SetTable, device: torch.device) -> SetTable:
         table=tab.table.to(device),
         sizes=tab.sizes.to(device),
         member=tab.member.to(device),
+        member_bits=tab.member_bits.to(device),
         size_list=tab.size_list,
     )

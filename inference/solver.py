@@ -37,12 +37,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from inference._sets import ClassSets, SetTable, check_class_sets
+from inference._sets import BITS_PER_WORD, ClassSets, SetTable, check_class_sets, to_bits
 
 _METHODS = ("em", "gradient")
 _DEFAULT_MAX_ITER = {"em": 1000, "gradient": 500}
 _ROW_SUM_TOL = 1e-3  # rows of p_general must sum to 1 within this
-_TOPK_EXTRA = 16  # extra generalist candidates read when looking outside U for top-k
+_TOPK_EXTRA = 16
+_LBFGS_MEMORY = 20  # (s, y) pairs kept by the batched L-BFGS  # extra generalist candidates read when looking outside U for top-k
 
 
 # --------------------------------------------------------------------------- validation
@@ -117,7 +118,7 @@ def _check_options(method: str, tol: float, max_iter: int | None) -> int:
 
 def _row_sums(p_general: Tensor) -> Tensor:
     """(B,) float64 row sums; raises ValueError unless each is 1 within _ROW_SUM_TOL."""
-    sums = p_general.sum(dim=1, dtype=torch.float64)
+    sums = p_general.sum(dim=1).to(torch.float64)  # native-dtype sum: float64 casts are slow
     bad = (sums - 1).abs() > _ROW_SUM_TOL
     if bool(bad.any()):
         b = int(bad.nonzero()[0, 0])
@@ -234,86 +235,126 @@ def kl_objective(
 
 @dataclass
 class CompactSolution:
-    """q on the union U of the active sets, α·pᵍ elsewhere.
+    """q on the union U of the active sets, α·pᵍ elsewhere, in (pair, slot) layout.
 
-    img, cls: (N,) image and class of each U entry (cls = C marks padding, valid False).
-    q: (N,) float64; alpha: (B,) float64; flat: (N,) img·C + cls for valid entries.
+    pair_img: (P,) image of each active pair; cls, q: (P, S) class and q value of each
+    slot (float64); repeat: (P, S) bool, slots that repeat an (image, class) already held
+    by another slot (same value); alpha: (B,) float64.
     """
 
-    img: Tensor
+    pair_img: Tensor
     cls: Tensor
-    valid: Tensor
     q: Tensor
+    repeat: Tensor
     alpha: Tensor
 
 
 @dataclass
 class _EMProblem:
+    """The iteration's data on active (image, specialist) pairs × set slots.
+
+    A class in the sets of several active specialists of one image appears in each of
+    their pairs ("shared" entries); those copies are kept equal. One copy per (image,
+    class), the one of the lowest-numbered specialist, counts towards sums over U; the
+    others are "duplicates".
+    """
+
     batch: int
-    pair_img: Tensor  # (P,) image of each active (image, specialist) pair
-    entry_u: Tensor  # (P*S,) position in U of each (pair, set slot)
-    width: int  # S, the padded set size
-    d: Tensor  # (P,) dustbin probability
-    u_img: Tensor  # (N,) image of each U entry (sorted)
-    u_cls: Tensor  # (N,) class of each U entry, C for padding
-    valid: Tensor  # (N,) bool, not padding
-    g: Tensor  # (N,) pᵍ on U (0 on padding)
-    p_in: Tensor  # (N,) Σ_{m∈A, j∈Sᵐ} pᵐ_j
+    pair_img: Tensor  # (P,) image of each pair; pairs m-major, as compact rows
+    cls: Tensor  # (P, S) class of each slot, C on padding
+    pad: Tensor | None  # (P, S) bool padding slots, None if every set has S classes
+    g: Tensor  # (P, S) pᵍ on the slots (0 on padding)
+    base: Tensor  # (P, S) pᵍ_j + Σ_{m∈A, j∈Sᵐ} pᵐ_j (0 on padding)
+    d: Tensor  # (P,) dustbin probabilities
+    sh_idx: Tensor  # (K,) flat slot index of every shared entry
+    sh_pair: Tensor  # (K,) its pair
+    sh_img: Tensor  # (K,) its image
+    sh_group: Tensor  # (K,) id of its (image, class)
+    n_groups: int
+    dup_idx: Tensor  # (D,) flat slot index of the duplicate entries (a subset of shared)
+    dup_img: Tensor  # (D,)
     g_out: Tensor  # (B,) Σ_{j∉U} pᵍ_j
     n_act: Tensor  # (B,) |A| as float64
-    const: Tensor  # (B,) Σ_U pᵍ log pᵍ + Σ_m Σ pᵐ log pᵐ (objective's constant)
+    const: Tensor  # (B,) Σ_U pᵍ log pᵍ + Σ_m Σ pᵐ log pᵐ (the objective's constant)
 
 
 def _seg_sum(x: Tensor, index: Tensor, size: int) -> Tensor:
     return torch.zeros(size, dtype=x.dtype, device=x.device).index_add_(0, index, x)
 
 
+def _shared_entries(
+    cls: Tensor, pair_m: Tensor, pair_img: Tensor, sets: SetTable, active: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Flat slot indices of the shared entries (class in ≥ 2 active sets of the image)
+    and a (K,) bool marking the duplicates among them (a lower active set has it too)."""
+    num_classes = sets.num_classes
+    act_bits = to_bits(active)  # (B, W)
+    words = act_bits.shape[1]
+    common = sets.member_bits[cls.clamp_max(num_classes - 1)] & act_bits[pair_img][:, None, :]
+    # (P, S, W) bit words of the active specialists holding the slot's class
+    nonzero_words = (common != 0).sum(-1)
+    multi = (nonzero_words > 1) | ((common & (common - 1)) != 0).any(-1)  # (P, S)
+    multi &= cls < num_classes  # not padding
+    sh_idx = multi.view(-1).nonzero().squeeze(1)  # (K,)
+    if sh_idx.numel() == 0:
+        return sh_idx, torch.zeros(0, dtype=torch.bool, device=cls.device)
+    sh_common = common.view(-1, words)[sh_idx]  # (K, W)
+    m = pair_m[sh_idx // cls.shape[1]]  # (K,) the entry's own specialist
+    word, bit = m // BITS_PER_WORD, m % BITS_PER_WORD
+    w_range = torch.arange(words, device=cls.device)
+    below_in_word = torch.bitwise_left_shift(torch.ones_like(bit), bit) - 1  # bits < m
+    lower = torch.where(w_range[None, :] == word[:, None], below_in_word[:, None], 0)
+    lower = torch.where(w_range[None, :] < word[:, None], -1, lower)  # (K, W) specialists < m
+    is_dup = ((sh_common & lower) != 0).any(-1)
+    return sh_idx, is_dup
+
+
 def _em_problem(
     p_general: Tensor, sets: SetTable, active: Tensor, rows: list[Tensor], row_sums: Tensor
 ) -> _EMProblem:
-    """Gather everything the iteration needs onto the active pairs and the union U."""
+    """Gather everything the iteration needs onto the active pairs and their set slots."""
     batch, num_classes = p_general.shape
+    device = p_general.device
     f64 = torch.float64
     width = sets.table.shape[1]
     pair_m, pair_img = active.T.nonzero(as_tuple=True)  # (P,), m-major: matches compact rows
-    # (P, S) specialist probabilities on the set slots (0 on padding) and (P,) dustbins
-    pieces = [
-        F.pad(p[:, :-1].to(f64), (0, width - p.shape[1] + 1)) for p in rows if p.shape[0] > 0
-    ]
-    if pieces:
-        pv = torch.cat(pieces)
-        d = torch.cat([p[:, -1].to(f64) for p in rows if p.shape[0] > 0])
+    n_pairs = pair_m.numel()
+    cls = sets.table.index_select(0, pair_m)  # (P, S)
+    pad = None if min(sets.size_list) == width else cls == num_classes
+    flat = pair_img[:, None] * num_classes + cls.clamp_max(num_classes - 1)
+    g = p_general.reshape(-1).index_select(0, flat.view(-1)).view(n_pairs, width).to(f64)
+    nonempty = [p for p in rows if p.shape[0] > 0]
+    if nonempty:
+        pv = torch.cat([F.pad(p[:, :-1], (0, width + 1 - p.shape[1])) for p in nonempty]).to(f64)
+        d = torch.cat([p[:, -1] for p in nonempty]).to(f64)
+        spec_const = torch.cat([torch.xlogy(p, p).sum(1) for p in nonempty]).to(f64)
     else:
-        pv = torch.zeros(0, width, dtype=f64, device=p_general.device)
-        d = torch.zeros(0, dtype=f64, device=p_general.device)
-    keys = pair_img[:, None] * (num_classes + 1) + sets.table[pair_m]  # (P, S)
-    ukeys, entry_u = torch.unique(keys.reshape(-1), sorted=True, return_inverse=True)  # (N,)
-    u_img = ukeys // (num_classes + 1)
-    u_cls = ukeys % (num_classes + 1)
-    valid = u_cls < num_classes
-    g = p_general[u_img, u_cls.clamp_max(num_classes - 1)].to(f64) * valid
-    n_u = ukeys.numel()
-    p_in = _seg_sum(pv.reshape(-1), entry_u, n_u)
-    g_out = (row_sums - _seg_sum(g, u_img, batch)).clamp_min(0.0)
-    spec_const = torch.cat(
-        [torch.xlogy(p, p).sum(1, dtype=f64) for p in rows if p.shape[0] > 0]
-        or [torch.zeros(0, dtype=f64, device=p_general.device)]
+        pv = torch.zeros(0, width, dtype=f64, device=device)
+        d = spec_const = torch.zeros(0, dtype=f64, device=device)
+    if pad is not None:
+        g = g.masked_fill(pad, 0.0)
+    base = g + pv
+    sh_idx, is_dup = _shared_entries(cls, pair_m, pair_img, sets, active)
+    sh_pair = sh_idx // width
+    sh_img = pair_img[sh_pair]
+    sh_cls = cls.view(-1)[sh_idx]
+    _, sh_group = torch.unique(sh_img * num_classes + sh_cls, return_inverse=True)
+    n_groups = int(sh_group.max()) + 1 if sh_idx.numel() else 0
+    if sh_idx.numel():  # a shared class gets every active specialist's probability
+        pv_sum = _seg_sum(pv.view(-1)[sh_idx], sh_group, n_groups)
+        base.view(-1)[sh_idx] = g.view(-1)[sh_idx] + pv_sum[sh_group]
+    dup_idx, dup_img = sh_idx[is_dup], sh_img[is_dup]
+    g_in = _seg_sum(g.sum(1), pair_img, batch) - _seg_sum(g.view(-1)[dup_idx], dup_img, batch)
+    g_out = (row_sums - g_in).clamp_min(0.0)  # (B,)
+    glogg = torch.xlogy(g, g)
+    const = (
+        _seg_sum(glogg.sum(1) + spec_const, pair_img, batch)
+        - _seg_sum(glogg.view(-1)[dup_idx], dup_img, batch)
     )
-    const = _seg_sum(torch.xlogy(g, g), u_img, batch) + _seg_sum(spec_const, pair_img, batch)
     return _EMProblem(
-        batch=batch,
-        pair_img=pair_img,
-        entry_u=entry_u,
-        width=width,
-        d=d,
-        u_img=u_img,
-        u_cls=u_cls,
-        valid=valid,
-        g=g,
-        p_in=p_in,
-        g_out=g_out,
-        n_act=active.sum(1).to(f64),
-        const=const,
+        batch=batch, pair_img=pair_img, cls=cls, pad=pad, g=g, base=base, d=d,
+        sh_idx=sh_idx, sh_pair=sh_pair, sh_img=sh_img, sh_group=sh_group, n_groups=n_groups,
+        dup_idx=dup_idx, dup_img=dup_img, g_out=g_out, n_act=active.sum(1).to(f64), const=const,
     )
 
 
@@ -342,115 +383,250 @@ def solve_em(
         q_j ← (pᵍ_j + Σ_{m∈A} t^m_j) / (1 + |A|),
         t^m_j = pᵐ_j (j ∈ Sᵐ),  q_j·pᵐ_dustbin / Σ_{i∉Sᵐ} q_i (j ∉ Sᵐ),
 
-    with q_j = α·pᵍ_j outside U. Each step increases the (concave) log-likelihood,
-    i.e. decreases the KL objective; it is evaluated cheaply on U at every iterate.
+    with q_j = α·pᵍ_j outside U. For j ∈ U the sum is pᵐ_j over the active sets holding
+    j plus q_j·Σ ratio_m over the others, ratio_m = pᵐ_dustbin / Σ_{i∉Sᵐ} q_i. Each step
+    decreases the KL objective; it is evaluated on U at every iterate (cheap).
     """
     pr = _em_problem(p_general, sets, active, rows, row_sums)
-    batch, u_img, pair_img = pr.batch, pr.u_img, pr.pair_img
-    n_pairs = pair_img.numel()
+    batch, pair_img, d = pr.batch, pr.pair_img, pr.d
+    dup_idx, dup_img = pr.dup_idx, pr.dup_img
     tiny = torch.finfo(torch.float64).tiny
-    q = pr.g.clone()  # (N,) start at pᵍ
+    q = pr.g.clone()  # (P, S) start at pᵍ
+    s_in = q.sum(1)  # (P,) Σ_{j∈Sᵐ} q_j
     alpha = torch.ones(batch, dtype=torch.float64, device=p_general.device)
     denom = 1.0 + pr.n_act  # (B,)
-    denom_u = denom[u_img]  # (N,)
-    base = pr.g + pr.p_in  # (N,) the constant part of the numerator, also log q's weight
     has_pair = pr.n_act > 0
+    g_out_p = pr.g_out.index_select(0, pair_img)  # (P,)
+    base_sh = pr.base.view(-1).index_select(0, pr.sh_idx)  # (K,)
+    base_dup = pr.base.view(-1).index_select(0, dup_idx)  # (D,)
     atol = 1e-14 * (1.0 + pr.const.abs() + pr.n_act)
     f_prev = None
     for it in range(max_iter + 1):
-        s_in = q[pr.entry_u].view(n_pairs, pr.width).sum(1)  # (P,) Σ_{j∈Sᵐ} q_j
-        rest = (_seg_sum(q, u_img, batch)[pair_img] - s_in).clamp_min(0.0)
-        rest = rest + alpha[pair_img] * pr.g_out[pair_img]  # (P,) Σ_{j∉Sᵐ} q_j
+        q_dup = q.view(-1).index_select(0, dup_idx)  # (D,)
+        tot_u = _seg_sum(s_in, pair_img, batch) - _seg_sum(q_dup, dup_img, batch)  # (B,) Σ_U q
+        rest = (tot_u.index_select(0, pair_img) - s_in).clamp_min(0.0)
+        rest = rest + alpha.index_select(0, pair_img) * g_out_p  # (P,) Σ_{j∉Sᵐ} q_j
+        logq = q.clamp_min(tiny).log_()  # (P, S); padding: weight 0 · finite
+        wlogq_u = _seg_sum(torch.linalg.vecdot(pr.base, logq), pair_img, batch) - _seg_sum(
+            base_dup * logq.view(-1).index_select(0, dup_idx), dup_img, batch
+        )
         f = (
-            pr.const
-            - _seg_sum(torch.xlogy(base, q), u_img, batch)
-            - torch.xlogy(pr.g_out, alpha)
-            - _seg_sum(torch.xlogy(pr.d, rest), pair_img, batch)
+            pr.const - wlogq_u - torch.xlogy(pr.g_out, alpha)
+            - _seg_sum(torch.xlogy(d, rest), pair_img, batch)
         )  # (B,) objective at the current iterate
         if history is not None:
             history.append(f.clone())
         if it == max_iter or (f_prev is not None and _converged(f_prev, f, tol, atol)):
             break
         f_prev = f
-        ratio = pr.d / rest.clamp_min(tiny)  # (P,) pᵐ_dustbin / Σ_{i∉Sᵐ} q_i
+        ratio = d / rest.clamp_min(tiny)  # (P,) pᵐ_dustbin / Σ_{i∉Sᵐ} q_i
         ratio_img = _seg_sum(ratio, pair_img, batch)  # (B,) Σ_{m∈A} ratio_m
-        ratio_in = _seg_sum(ratio[:, None].expand(n_pairs, pr.width).reshape(-1), pr.entry_u, q.numel())
-        q = (base + q * (ratio_img[u_img] - ratio_in).clamp_min(0.0)) / denom_u
+        others = (ratio_img.index_select(0, pair_img) - ratio).clamp_min(0.0)  # other pairs
+        q_new = torch.addcmul(pr.base, q, others[:, None])  # (P, S) unnormalised
+        if pr.sh_idx.numel():  # a shared class is in several active sets: fewer "others"
+            ratio_in = _seg_sum(ratio.index_select(0, pr.sh_pair), pr.sh_group, pr.n_groups)
+            others_sh = ratio_img.index_select(0, pr.sh_img) - ratio_in.index_select(0, pr.sh_group)
+            q_sh = q.view(-1).index_select(0, pr.sh_idx)
+            q_new.view(-1).index_copy_(0, pr.sh_idx, base_sh + q_sh * others_sh.clamp_min(0.0))
         alpha = (1.0 + alpha * ratio_img) / denom
-        total = torch.where(has_pair, _seg_sum(q, u_img, batch) + alpha * pr.g_out, 1.0)
-        q = q / total[u_img]  # guard the simplex against rounding and clamped dustbins
+        s_new = q_new.sum(1)  # (P,)
+        tot_new = _seg_sum(s_new, pair_img, batch) - _seg_sum(
+            q_new.view(-1).index_select(0, dup_idx), dup_img, batch
+        )
+        total = torch.where(has_pair, tot_new / denom + alpha * pr.g_out, 1.0)
+        # divide by (1 + |A|) and renormalise (guards the simplex against rounding)
+        scale = (1.0 / (denom * total)).index_select(0, pair_img)  # (P,)
+        q = q_new.mul_(scale[:, None])
+        s_in = s_new * scale
         alpha = alpha / total
-    return CompactSolution(img=u_img, cls=pr.u_cls, valid=pr.valid, q=q, alpha=alpha)
+    repeat = pr.pad.clone() if pr.pad is not None else torch.zeros_like(q, dtype=torch.bool)
+    repeat.view(-1)[dup_idx] = True
+    cls, q_out = pr.cls, q
+    if pr.pad is not None:  # padding repeats the pair's first slot: harmless duplicate writes
+        cls = torch.where(pr.pad, cls[:, :1], cls)
+        q_out = torch.where(pr.pad, q[:, :1], q)
+    return CompactSolution(pair_img=pair_img, cls=cls, q=q_out, repeat=repeat, alpha=alpha)
 
 
 def densify(sol: CompactSolution, p_general: Tensor) -> Tensor:
     """Write the dense (B, C) q: α·pᵍ everywhere, then the U entries."""
     num_classes = p_general.shape[1]
     q = sol.alpha.to(p_general.dtype)[:, None] * p_general  # (B, C); α = 1 exactly if no pair
-    v = sol.valid
-    flat = sol.img[v] * num_classes + sol.cls[v]
-    q.view(-1).index_copy_(0, flat, sol.q[v].to(p_general.dtype))
+    flat = (sol.pair_img[:, None] * num_classes + sol.cls).view(-1)  # (P*S,)
+    q.view(-1).index_copy_(0, flat, sol.q.view(-1).to(p_general.dtype))  # repeats: same value
     return q
 
 
 def compact_topk(
     sol: CompactSolution, p_general: Tensor, sets: SetTable, active: Tensor, k: int
 ) -> tuple[Tensor, Tensor]:
-    """Top-k of q without writing it: candidates are U and α·(pᵍ's best classes outside U)."""
+    """Top-k of q without writing it. Candidates: each pair's k best U entries, and
+    α·(pᵍ's best classes outside U) found among pᵍ's top k + 8; where all of those are
+    in U, their smallest value bounds what lies outside, and only rows where that bound
+    could reach the top-k read their full pᵍ row again."""
     batch, num_classes = p_general.shape
     f64 = torch.float64
     device = p_general.device
-    kk = min(num_classes, k + _TOPK_EXTRA)
-    g_val, g_idx = p_general.topk(kk, dim=1)  # (B, kk)
-    in_u = (sets.member[g_idx] & active[:, None, :]).any(-1)  # (B, kk)
-    counts = _seg_sum(sol.valid.to(torch.long), sol.img, batch)  # (B,) |U|
-    found = (~in_u).sum(1)
-    short = (found < k) & (found < num_classes - counts)
-    out_val = g_val.to(f64).masked_fill(in_u, -1.0)
-    out_val, pos = out_val.topk(min(k, kk), dim=1)  # (B, k)
-    out_idx = g_idx.gather(1, pos)
-    if bool(short.any()):  # the best kk classes were nearly all in U: mask U in a row copy
-        rows_b = short.nonzero().squeeze(1)
-        sub = p_general[rows_b].to(f64)  # (r, C)
-        where = torch.full((batch,), -1, dtype=torch.long, device=device)
-        where[rows_b] = torch.arange(rows_b.numel(), device=device)
-        sel = sol.valid & (where[sol.img] >= 0)
-        sub[where[sol.img[sel]], sol.cls[sel]] = -1.0
-        sv, si = sub.topk(min(k, kk), dim=1)
-        out_val[rows_b], out_idx[rows_b] = sv, si
-    out_val = torch.where(out_val >= 0, out_val * sol.alpha[:, None], out_val)
-    # U entries padded per image into (B, W)
-    n_u = sol.img.numel()
-    starts = torch.cumsum(_seg_sum(torch.ones_like(sol.img), sol.img, batch), 0)
-    width = int(_seg_sum(torch.ones_like(sol.img), sol.img, batch).max()) if n_u else 0
-    pos_u = torch.arange(n_u, device=device) - (starts - _seg_sum(torch.ones_like(sol.img), sol.img, batch))[sol.img]
+    # U side: per pair top-k, then per image over its pairs
+    kp = min(k, sol.q.shape[1])
+    pv, pi = sol.q.masked_fill(sol.repeat, -1.0).topk(kp, dim=1)  # (P, kp)
+    pc = sol.cls.gather(1, pi)
+    n_pairs = sol.pair_img.numel()
+    order = torch.argsort(sol.pair_img, stable=True)  # pairs grouped by image
+    counts = torch.bincount(sol.pair_img, minlength=batch)  # (B,)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(n_pairs, device=device) - starts[sol.pair_img[order]]
+    width = int(counts.max()) * kp if n_pairs else 0
     u_val = torch.full((batch, width), -1.0, dtype=f64, device=device)
     u_idx = torch.zeros((batch, width), dtype=torch.long, device=device)
-    u_val[sol.img, pos_u] = torch.where(sol.valid, sol.q, -1.0)
-    u_idx[sol.img, pos_u] = sol.cls.clamp_max(num_classes - 1)
+    cols = rank[:, None] * kp + torch.arange(kp, device=device)  # (P, kp)
+    u_val[sol.pair_img[:, None], cols] = pv
+    u_idx[sol.pair_img[:, None], cols] = pc
+    # outside U: q_j = α·pᵍ_j
+    kk = min(num_classes, k + _TOPK_EXTRA)
+    g_val, g_idx = p_general.topk(kk, dim=1)  # (B, kk)
+    g_val = g_val.to(f64)
+    in_u = (sets.member[g_idx] & active[:, None, :]).any(-1)  # (B, kk)
+    out_val, pos = g_val.masked_fill(in_u, -1.0).topk(min(k, kk), dim=1)
+    out_idx = g_idx.gather(1, pos)
+    out_val = torch.where(out_val >= 0, out_val * sol.alpha[:, None], out_val)
     cand_val = torch.cat([u_val, out_val], 1)
     cand_idx = torch.cat([u_idx, out_idx], 1)
     top_val, top_pos = cand_val.topk(k, dim=1)
-    return top_val.to(p_general.dtype), cand_idx.gather(1, top_pos)
+    top_idx = cand_idx.gather(1, top_pos)
+    # rows where a class outside U below pᵍ's top kk could still enter the top-k
+    unseen = (~in_u).sum(1) < k  # fewer than k outside-U classes among the top kk
+    bound = g_val[:, -1] * sol.alpha  # α · (kk-th largest pᵍ) bounds every unseen class
+    redo = unseen & (kk < num_classes) & (bound >= top_val[:, -1])
+    if bool(redo.any()):  # write q densely for those rows only
+        rows_b = redo.nonzero().squeeze(1)  # (r,)
+        sub = p_general.index_select(0, rows_b).to(f64) * sol.alpha[rows_b, None]  # (r, C)
+        slot = torch.full((batch,), -1, dtype=torch.long, device=device)
+        slot[rows_b] = torch.arange(rows_b.numel(), device=device)
+        pairs = (slot[sol.pair_img] >= 0).nonzero().squeeze(1)
+        sub[slot[sol.pair_img[pairs]][:, None], sol.cls[pairs]] = sol.q[pairs]
+        top_val[rows_b], top_idx[rows_b] = sub.topk(k, dim=1)
+    return top_val.to(p_general.dtype), top_idx
 
 
 # --------------------------------------------------------------------------- gradient
 
 
-def _dense_objective(
-    logq: Tensor,
-    pg: Tensor,
-    specs: list[tuple[Tensor, Tensor, Tensor, Tensor, Tensor]],
-    const: Tensor,
+@dataclass
+class _DenseProblem:
+    """The objective as a function of logits z (B, C), for the rows with a pair."""
+
+    w: Tensor  # (B, C) pᵍ_j + Σ_{m∈A, j∈Sᵐ} pᵐ_j: the weight of log q_j
+    w_total: Tensor  # (B,) Σ_j w_j + Σ_m pᵐ_dustbin (= 1 + |A|)
+    const: Tensor  # (B,) Σ p log p over all the distributions
+    specs: list[tuple[Tensor, Tensor, Tensor, Tensor]]  # (rows, Sᵐ, member column, dustbin)
+
+    def __call__(self, z: Tensor, need_grad: bool) -> tuple[Tensor, Tensor | None]:
+        """Objective (B,) and, if asked, its gradient dF/dz (B, C), in closed form:
+        dF/dz_k = q_k (Σ w + Σ d − Σ_{m: k∉Sᵐ} d_m / R_m) − w_k, R_m = Σ_{j∉Sᵐ} q_j."""
+        logq = torch.log_softmax(z, 1)  # (B, C)
+        f = self.const - (self.w * logq).sum(1)
+        if need_grad:
+            ratio_total = torch.zeros_like(f)
+            ratio_in = torch.zeros_like(z)  # Σ_{m: k∈Sᵐ} d_m / R_m
+        for idx, cls, member, d in self.specs:
+            log_rest = logq[idx].masked_fill(member, -1e300).logsumexp(1)  # (n_m,) log R_m
+            f = f.index_add(0, idx, -d * log_rest)
+            if need_grad:
+                ratio = torch.where(d > 0, d * torch.exp(-log_rest), 0.0)  # (n_m,)
+                ratio_total.index_add_(0, idx, ratio)
+                ratio_in.index_put_(
+                    (idx[:, None], cls[None, :]), ratio[:, None].expand(-1, cls.numel()),
+                    accumulate=True,
+                )
+        if not need_grad:
+            return f, None
+        q = logq.exp()
+        grad = q * ((self.w_total - ratio_total)[:, None] + ratio_in) - self.w
+        return f, grad
+
+
+def _dense_problem(
+    p_general: Tensor, sets: SetTable, active: Tensor, rows: list[Tensor]
+) -> _DenseProblem:
+    f64 = torch.float64
+    pg = p_general.to(f64)
+    w = pg.clone()
+    const = torch.xlogy(pg, pg).sum(1)
+    dust_total = torch.zeros_like(const)
+    specs = []
+    for m, p in enumerate(rows):
+        if p.shape[0] == 0:
+            continue
+        idx = active[:, m].nonzero().squeeze(1)  # (n_m,)
+        p = p.to(f64)
+        cls = sets.table[m, : sets.size_list[m]]
+        const.index_add_(0, idx, torch.xlogy(p, p).sum(1))
+        dust_total.index_add_(0, idx, p[:, -1])
+        w.index_put_((idx[:, None], cls[None, :]), p[:, :-1], accumulate=True)
+        specs.append((idx, cls, sets.member[:, m], p[:, -1]))
+    return _DenseProblem(w=w, w_total=w.sum(1) + dust_total, const=const, specs=specs)
+
+
+def _lbfgs(
+    fun: _DenseProblem,
+    z: Tensor,
+    *,
+    tol: float,
+    max_iter: int,
+    history: list[Tensor] | None,
+    memory: int = _LBFGS_MEMORY,
 ) -> Tensor:
-    """(B,) objective from log q (B, C) (float64, autograd-friendly)."""
-    f = const - (pg * logq).sum(1)
-    for idx, cls, member, p_in, d in specs:
-        lq = logq[idx]  # (n_m, C)
-        inside = (p_in * lq[:, cls]).sum(1)
-        log_rest = lq.masked_fill(member, -1e300).logsumexp(1)  # log Σ_{j∉Sᵐ} q_j
-        f = f.index_add(0, idx, -(inside + d * log_rest))
-    return f
+    """Batched L-BFGS: one independent two-loop recursion and Armijo backtracking line
+    search per row (the rows are separate problems; a shared step would couple them)."""
+    f, g = fun(z, True)
+    if history is not None:
+        history.append(f.clone())
+    atol = 1e-14 * (1.0 + fun.const.abs())
+    pairs: list[tuple[Tensor, Tensor, Tensor]] = []  # (s, y, rho)
+    gamma = torch.ones_like(f)
+    for _ in range(max_iter):
+        r = g.clone()
+        alphas = []
+        for s_i, y_i, rho_i in reversed(pairs):
+            a = rho_i * (s_i * r).sum(1)
+            r -= a[:, None] * y_i
+            alphas.append(a)
+        r *= gamma[:, None]
+        for (s_i, y_i, rho_i), a in zip(pairs, reversed(alphas), strict=True):
+            r += s_i * (a - rho_i * (y_i * r).sum(1))[:, None]
+        d = -r  # (B, C) search direction
+        slope = (g * d).sum(1)
+        uphill = ~(slope < 0)
+        if bool(uphill.any()):  # fall back to steepest descent on those rows
+            d[uphill] = -g[uphill]
+            slope = (g * d).sum(1)
+        step = torch.ones_like(f) if pairs else 1.0 / g.abs().sum(1).clamp_min(1.0)
+        z_new, f_new = z.clone(), f.clone()
+        done = torch.zeros_like(f, dtype=torch.bool)
+        for _ls in range(50):
+            f_try, _ = fun(z + step[:, None] * d, False)
+            ok = ~done & (f_try <= f + 1e-4 * step * slope)
+            z_new[ok] = z[ok] + step[ok, None] * d[ok]
+            f_new[ok] = f_try[ok]
+            done |= ok
+            if bool(done.all()):
+                break
+            step = torch.where(done, step, step * 0.5)
+        f_new, g_new = fun(z_new, True)
+        s_k, y_k = z_new - z, g_new - g
+        sy = (s_k * y_k).sum(1)
+        curved = sy > 1e-12 * (s_k * s_k).sum(1).sqrt() * (y_k * y_k).sum(1).sqrt()
+        rho = torch.where(curved, 1.0 / sy.clamp_min(1e-300), 0.0)  # rho = 0 drops the pair
+        gamma = torch.where(curved, sy / (y_k * y_k).sum(1).clamp_min(1e-300), gamma)
+        pairs = (pairs + [(s_k, y_k, rho)])[-memory:]
+        f_prev, z, f, g = f, z_new, f_new, g_new
+        if history is not None:
+            history.append(f.clone())
+        if _converged(f_prev, f, tol, atol):
+            break
+    return z
 
 
 def solve_gradient(
@@ -465,54 +641,29 @@ def solve_gradient(
 ) -> Tensor:
     """The paper's solver: descend on logits z with q = softmax(z), z₀ = log pᵍ.
 
-    L-BFGS (strong Wolfe) on the dense (B, C) z in float64; stops when every image's
-    objective changes by less than ``tol`` relative between iterations.
+    Batched L-BFGS (per-row two-loop recursion and Armijo backtracking) on the dense
+    (B, C) z in float64, with the gradient in closed form; stops when every image's
+    objective changes by less than ``tol`` relative between iterations. Rows without an
+    active specialist are returned as pᵍ. Reference implementation: dense, not fast.
     """
     has_pair = active.any(1)
+    q = p_general.clone()
     if not bool(has_pair.any()):
-        return p_general.clone()
-    f64 = torch.float64
-    with torch.inference_mode(False), torch.enable_grad():
-        pg = p_general.detach().to(f64).clone()  # a normal tensor even under inference_mode
-        const = torch.xlogy(pg, pg).sum(1)
-        specs = []
-        for m, p in enumerate(rows):
-            if p.shape[0] == 0:
-                continue
-            idx = active[:, m].nonzero().squeeze(1).clone()
-            p = p.detach().to(f64).clone()
-            const = const.index_add(0, idx, torch.xlogy(p, p).sum(1))
-            cls = sets.table[m, : sets.size_list[m]].clone()
-            specs.append((idx, cls, sets.member[:, m].clone(), p[:, :-1], p[:, -1]))
-        z = pg.clamp_min(1e-300).log().requires_grad_(True)
-        opt = torch.optim.LBFGS(
-            [z], lr=1.0, max_iter=1, history_size=50, line_search_fn="strong_wolfe",
-            tolerance_grad=0.0, tolerance_change=1e-300,
-        )
-
-        def closure() -> Tensor:
-            opt.zero_grad()
-            loss = _dense_objective(torch.log_softmax(z, 1), pg, specs, const).sum()
-            loss.backward()
-            return loss
-
-        atol = 1e-14 * (1.0 + const.abs())
-        with torch.no_grad():
-            f_prev = _dense_objective(torch.log_softmax(z, 1), pg, specs, const)
-        if history is not None:
-            history.append(f_prev.clone())
-        for _ in range(max_iter):
-            opt.step(closure)
-            with torch.no_grad():
-                f = _dense_objective(torch.log_softmax(z, 1), pg, specs, const)
-            if history is not None:
-                history.append(f.clone())
-            if _converged(f_prev, f, tol, atol):
-                break
-            f_prev = f
-        with torch.no_grad():
-            q = torch.softmax(z, 1).to(p_general.dtype)
-    q = torch.where(has_pair[:, None], q, p_general)
+        return q
+    sub = has_pair.nonzero().squeeze(1)
+    sub_active = active[sub]
+    sub_rows = rows  # compact rows are per active image, so unchanged by dropping idle rows
+    fun = _dense_problem(p_general[sub], sets, sub_active, sub_rows)
+    z0 = p_general[sub].to(torch.float64).clamp_min(1e-300).log()
+    if history is not None:
+        sub_history: list[Tensor] = []
+        z = _lbfgs(fun, z0, tol=tol, max_iter=max_iter, history=sub_history)
+        for h in sub_history:  # idle rows sit at their optimum, objective 0
+            full = torch.zeros(p_general.shape[0], dtype=torch.float64, device=q.device)
+            history.append(full.index_copy_(0, sub, h))
+    else:
+        z = _lbfgs(fun, z0, tol=tol, max_iter=max_iter, history=None)
+    q[sub] = torch.softmax(z, 1).to(q.dtype)
     return q
 
 
