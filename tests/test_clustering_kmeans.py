@@ -1,0 +1,137 @@
+"""cluster_classes: planted confusable groups are recovered; options are validated."""
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import adjusted_rand_score
+
+from clustering import CovarianceAccumulator, cluster_classes, column_features, describe_method
+from clustering.synthetic import planted_groups, synthetic_outputs
+
+C, GROUPS = 40, 8
+
+
+@pytest.fixture(scope="module")
+def planted():
+    groups = planted_groups(C, GROUPS, seed=1)
+    acc = CovarianceAccumulator(C)
+    for probs, _ in synthetic_outputs(groups, 4_000, batch_size=1_000, seed=2):
+        acc.update(probs)
+    return groups, acc.covariance()
+
+
+def _labels(sets, c):
+    labels = np.full(c, -1)
+    for m, s in enumerate(sets):
+        labels[s] = m
+    return labels
+
+
+@pytest.mark.parametrize("method", ["faiss", "minibatch"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_recovers_planted_groups(planted, method, seed):
+    groups, cov = planted
+    sets = cluster_classes(cov, GROUPS, method=method, seed=seed)
+    assert len(sets) == GROUPS
+    assert sorted(i for s in sets for i in s) == list(range(C))  # disjoint, covering
+    assert all(s == sorted(s) and all(type(i) is int for i in s) for s in sets)
+    assert adjusted_rand_score(groups, _labels(sets, C)) >= 0.95
+
+
+def test_numpy_float32_input_gives_the_same_sets(planted):
+    groups, cov = planted
+    assert cluster_classes(cov.numpy().astype(np.float32), GROUPS) == cluster_classes(cov, GROUPS)
+
+
+def test_same_seed_same_sets(planted):
+    _, cov = planted
+    for method in ("faiss", "minibatch"):
+        assert cluster_classes(cov, GROUPS, method=method, seed=3) == cluster_classes(
+            cov, GROUPS, method=method, seed=3
+        )
+
+
+@pytest.mark.parametrize("method", ["faiss", "minibatch"])
+def test_overlap_mode_sets_have_the_requested_size(planted, method):
+    groups, cov = planted
+    sets = cluster_classes(cov, GROUPS, 7, method=method)
+    assert [len(s) for s in sets] == [7] * GROUPS
+    assert all(len(set(s)) == 7 and s == sorted(s) for s in sets)
+    # each planted group of 5 lies entirely inside some set of 7
+    for g in range(GROUPS):
+        members = set(np.flatnonzero(groups == g).tolist())
+        assert any(members <= set(s) for s in sets)
+
+
+def test_projection_keeps_the_groups(planted):
+    groups, cov = planted
+    sets = cluster_classes(cov, GROUPS, max_dim=16, seed=0)
+    assert adjusted_rand_score(groups, _labels(sets, C)) >= 0.95
+    features = column_features(cov, max_dim=16)
+    assert features.shape == (C, 16) and features.dtype == np.float32
+
+
+def test_column_treatments():
+    cov = torch.tensor([[4.0, 1.0, 0.0], [1.0, 1.0, -0.5], [0.0, -0.5, 1.0]], dtype=torch.float64)
+    raw = column_features(cov, columns="raw", normalize=False)
+    np.testing.assert_allclose(raw, cov.numpy())
+    zero = column_features(cov, columns="zero_diagonal", normalize=False)
+    np.testing.assert_allclose(zero, [[0, 1, 0], [1, 0, -0.5], [0, -0.5, 0]])
+    corr = column_features(cov, columns="correlation", normalize=False)
+    np.testing.assert_allclose(corr, [[0, 0.5, 0], [0.5, 0, -0.5], [0, -0.5, 0]])
+    keep = column_features(cov, columns="correlation_keep_diagonal", normalize=True)
+    np.testing.assert_allclose(keep[0], np.array([1, 0.5, 0]) / np.sqrt(1.25), rtol=1e-6)
+
+
+def test_no_set_smaller_than_two():
+    # Class 0 is alone and far away: its cluster would be a singleton.
+    rng = np.random.default_rng(0)
+    points = np.concatenate([[[50.0, 50.0]], rng.normal(size=(9, 2))])  # (10, 2)
+    cov = points @ points.T  # features of "raw" columns are the rows of this Gram matrix
+    for method in ("faiss", "minibatch"):
+        sets = cluster_classes(cov, 5, method=method, columns="raw", normalize=False)
+        assert len(sets) == 5
+        assert min(len(s) for s in sets) >= 2
+        assert sorted(i for s in sets for i in s) == list(range(10))
+
+
+def test_describe_method_records_the_options():
+    assert describe_method(61, 300, "minibatch", 7, n_init=3) == {
+        "algorithm": "kmeans",
+        "method": "minibatch",
+        "num_specialists": 61,
+        "classes_per_specialist": 300,
+        "columns": "correlation",
+        "normalize": True,
+        "seed": 7,
+        "n_init": 3,
+        "max_iter": 50,
+        "max_dim": 512,
+    }
+
+
+def test_errors_name_the_value():
+    cov = torch.eye(10, dtype=torch.float64)
+    with pytest.raises(ValueError, match="num_specialists=0 but expected at least 1"):
+        cluster_classes(cov, 0)
+    with pytest.raises(
+        ValueError,
+        match="num_specialists=6 but only 10 classes: need at least 2 classes per specialist",
+    ):
+        cluster_classes(cov, 6)
+    with pytest.raises(ValueError, match="classes_per_specialist=1 but expected"):
+        cluster_classes(cov, 2, 1)
+    with pytest.raises(ValueError, match="classes_per_specialist=11 but expected"):
+        cluster_classes(cov, 2, 11)
+    with pytest.raises(ValueError, match=r"cov has shape \(10, 9\) but expected a square"):
+        cluster_classes(cov[:, :9], 2)
+    bad = cov.clone()
+    bad[4, 2] = float("nan")
+    with pytest.raises(ValueError, match="cov contains NaN/Inf at row 4"):
+        cluster_classes(bad, 2)
+    with pytest.raises(ValueError, match="method='kmeans' but expected one of"):
+        cluster_classes(cov, 2, method="kmeans")
+    with pytest.raises(ValueError, match="columns='diag' but expected one of"):
+        cluster_classes(cov, 2, columns="diag")
+    with pytest.raises(ValueError, match="n_init=0"):
+        cluster_classes(cov, 2, n_init=0)
