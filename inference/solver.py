@@ -604,8 +604,8 @@ def _lbfgs(
             slope = (g * d).sum(1)
         step = torch.ones_like(f) if pairs else 1.0 / g.abs().sum(1).clamp_min(1.0)
         z_new, f_new = z.clone(), f.clone()
-        done = torch.zeros_like(f, dtype=torch.bool)
-        for _ls in range(50):
+        done = slope > -1e-15 * (1.0 + f.abs())  # flat rows: nothing left to gain, stay put
+        for _ls in range(30):
             f_try, _ = fun(z + step[:, None] * d, False)
             ok = ~done & (f_try <= f + 1e-4 * step * slope)
             z_new[ok] = z[ok] + step[ok, None] * d[ok]
@@ -654,7 +654,7 @@ def solve_gradient(
     sub_active = active[sub]
     sub_rows = rows  # compact rows are per active image, so unchanged by dropping idle rows
     fun = _dense_problem(p_general[sub], sets, sub_active, sub_rows)
-    z0 = p_general[sub].to(torch.float64).clamp_min(1e-300).log()
+    z0 = p_general[sub].to(torch.float64).clamp_min(1e-30).log()  # q₀ ≈ pᵍ
     if history is not None:
         sub_history: list[Tensor] = []
         z = _lbfgs(fun, z0, tol=tol, max_iter=max_iter, history=sub_history)
