@@ -240,18 +240,17 @@ def _faiss_kmeans(x: np.ndarray, k: int, seed: int, n_init: int, max_iter: int) 
 
     faiss's own initialisation draws k random points; on small, well separated
     groups it rarely puts one seed in every group (measured: 8 planted groups of
-    5 classes, nredo=5 never recovered them), so every run starts from
-    scikit-learn's ``kmeans_plusplus`` instead.
+    5 classes, nredo=5 never recovered them), so every run starts from greedy
+    k-means++ instead.
     """
     import faiss
-    from sklearn.cluster import kmeans_plusplus
 
     x = np.ascontiguousarray(x, dtype=np.float32)
     rng = np.random.default_rng(seed)
     best_centroids, best_objective = None, np.inf
     for _ in range(n_init):
         run_seed = int(rng.integers(2**31 - 1))
-        init, _ = kmeans_plusplus(x, k, random_state=run_seed)  # (k, D)
+        init = _kmeans_plusplus(x, k, np.random.default_rng(run_seed))  # (k, D)
         kmeans = faiss.Kmeans(
             x.shape[1],
             k,
@@ -266,6 +265,35 @@ def _faiss_kmeans(x: np.ndarray, k: int, seed: int, n_init: int, max_iter: int) 
         if objective < best_objective:
             best_centroids, best_objective = np.array(kmeans.centroids, dtype=np.float32), objective
     return best_centroids
+
+
+def _kmeans_plusplus(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """Greedy k-means++ seeds (k, D), as scikit-learn's (2 + log k local trials).
+
+    Written with float32 matrix products: scikit-learn's ``kmeans_plusplus``
+    upcasts float32 distances in small chunks and took 21 s for 5,000 x 512
+    points and k = 61 (this: well under a second).
+    """
+    n = x.shape[0]
+    trials = 2 + int(np.log(k))
+    norms = np.einsum("ij,ij->i", x, x)  # (n,)
+    centers = np.empty((k, x.shape[1]), dtype=np.float32)
+    first = int(rng.integers(n))
+    centers[0] = x[first]
+    closest = np.maximum(norms - 2.0 * x @ x[first] + norms[first], 0.0)  # (n,)
+    for j in range(1, k):
+        total = float(closest.sum())
+        if total <= 0.0:  # fewer distinct points than k: any point will do
+            candidates = rng.integers(n, size=trials)
+        else:
+            candidates = np.searchsorted(np.cumsum(closest), rng.random(trials) * total)
+            candidates = np.minimum(candidates, n - 1)
+        distances = norms[None, :] - 2.0 * (x[candidates] @ x.T) + norms[candidates, None]
+        distances = np.minimum(closest[None, :], np.maximum(distances, 0.0))  # (trials, n)
+        best = int(np.argmin(distances.sum(axis=1)))
+        centers[j] = x[candidates[best]]
+        closest = distances[best]
+    return centers
 
 
 def _minibatch_kmeans(
