@@ -97,17 +97,64 @@ class ShardIndex:
 
 
 def build_transform(cfg: DataConfig, *, train: bool) -> Callable[[torch.Tensor], torch.Tensor]:
-    """uint8 (C, H, W) → normalised float32 (C, S, S), augmented when ``train``."""
+    """Per-sample geometry on uint8 (C, H, W) → uint8 (C, S, S); augmented when ``train``.
+
+    Conversion to float and normalisation happen per batch (:func:`normalize`), on the
+    device that trains: cheaper than per sample, and uint8 batches move 4× fewer bytes.
+    """
     size = cfg.image_size
     steps: list = []
-    if train and cfg.augment == "crop-flip":
-        steps += [v2.Resize(size, antialias=True), v2.CenterCrop(size), v2.RandomCrop(size, padding=cfg.crop_padding), v2.RandomHorizontalFlip()]
-    elif train and cfg.augment == "random-resized-crop":
-        steps += [v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip()]
+    if train and cfg.augment == "random-resized-crop":
+        steps += [v2.RandomResizedCrop(size, antialias=True)]
     else:
-        steps += [v2.Resize(size, antialias=True), v2.CenterCrop(size)]
-    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(cfg.mean), list(cfg.std))]
+        steps += [_FitSize(size)]
+    if train and cfg.augment == "crop-flip":
+        steps += [RandomShiftFlip(cfg.crop_padding)]
+    if train and cfg.augment == "random-resized-crop":
+        steps += [v2.RandomHorizontalFlip()]
     return v2.Compose(steps)
+
+
+class RandomShiftFlip(torch.nn.Module):
+    """Zero-padded random crop (= a random shift of up to ``padding`` pixels) and a horizontal flip.
+
+    Same distribution as ``RandomCrop(S, padding=p)`` + ``RandomHorizontalFlip()`` for S×S
+    inputs, in one copy: about 10× cheaper per small image, which matters on a CPU.
+    """
+
+    def __init__(self, padding: int) -> None:
+        super().__init__()
+        self.padding = padding
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:  # (C, H, W)
+        p = self.padding
+        dy, dx, flip = torch.randint(-p, p + 1, (2,)).tolist() + [bool(torch.rand(()) < 0.5)]
+        h, w = image.shape[-2:]
+        out = torch.zeros_like(image)
+        out[..., max(dy, 0) : h + min(dy, 0), max(dx, 0) : w + min(dx, 0)] = \
+            image[..., max(-dy, 0) : h + min(-dy, 0), max(-dx, 0) : w + min(-dx, 0)]
+        return out.flip(-1) if flip else out
+
+
+class _FitSize(torch.nn.Module):
+    """Resize the short side to ``size`` and centre-crop; a no-op for images already S×S."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = size
+        self.resize = v2.Compose([v2.Resize(size, antialias=True), v2.CenterCrop(size)])
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        if image.shape[-2:] == (self.size, self.size):
+            return image
+        return self.resize(image)
+
+
+def normalize(images: torch.Tensor, cfg: DataConfig) -> torch.Tensor:
+    """uint8 (B, C, S, S) → float32 normalised with ``cfg.mean`` / ``cfg.std``, on the batch's device."""
+    mean = torch.tensor(cfg.mean, device=images.device).view(1, -1, 1, 1)
+    std = torch.tensor(cfg.std, device=images.device).view(1, -1, 1, 1)
+    return (images.float() / 255.0 - mean) / std
 
 
 def _raise_data_error(exn: Exception) -> bool:
@@ -193,6 +240,12 @@ class Batches:
         return self._make_iter()
 
 
+def _batches_per_rank(shards: list[tuple[str, int]], batch_size: int, num_workers: int) -> int:
+    """Batches a rank's loader yields: each DataLoader worker batches its own shards."""
+    workers = max(1, min(num_workers, len(shards)))
+    return sum(math.ceil(sum(n for _, n in shards[w::workers]) / batch_size) for w in range(workers))
+
+
 def split_shards(shards: list[tuple[str, int]], rank: int, world_size: int) -> list[tuple[str, int]]:
     """This rank's shards (node split: every ``world_size``-th shard from ``rank``)."""
     return shards[rank::world_size]
@@ -209,16 +262,20 @@ def train_batches(
     split: str = "train",
     transform: Callable | None = None,
 ) -> Batches:
-    """One training epoch of ``(images (B, C, S, S), labels (B,))`` batches for this rank."""
+    """One training epoch of uint8 ``(images (B, C, S, S), labels (B,))`` batches for this rank.
+
+    Each DataLoader worker batches its own shards, so up to one partial batch per worker
+    comes near the end; the count is known in advance from the index.
+    """
     shards = index.shards(split)
     if len(shards) < world_size:
         raise DataError(f"{index.root}: {split} has {len(shards)} shards but {world_size} processes; "
                         "re-run prepare with a smaller --shard-size")
     order = np.random.default_rng([seed, epoch, 3]).permutation(len(shards))
     shuffled = [shards[i] for i in order]
-    per_rank = [sum(n for _, n in split_shards(shuffled, r, world_size)) for r in range(world_size)]
     bs = cfg.batch_size
-    num_batches = min(math.ceil(n / bs) for n in per_rank)
+    num_batches = min(_batches_per_rank(split_shards(shuffled, r, world_size), bs, cfg.num_workers)
+                      for r in range(world_size))
     mine = [url for url, _ in split_shards(shuffled, rank, world_size)]
     example = ToExample(transform or build_transform(cfg, train=True), index.num_classes, cfg.channels)
     shuffle = _worker_shuffle(cfg.shuffle_buffer, (seed, epoch, rank)) if cfg.shuffle_buffer > 1 else None
@@ -226,7 +283,7 @@ def train_batches(
     def make_iter() -> Iterator:
         ds = _dataset(mine, example, bs, shuffle)
         loader = _loader(ds, min(cfg.num_workers, len(mine)), seed=hash((seed, epoch, rank)) % 2**62)
-        return iter(loader.unbatched().batched(bs, partial=True).slice(num_batches))
+        return iter(loader.slice(num_batches))
 
     return Batches(make_iter, num_batches)
 
@@ -241,7 +298,7 @@ def eval_batches(
     batch_size: int | None = None,
     transform: Callable | None = None,
 ) -> Batches:
-    """Every sample of ``split`` exactly once across ranks, as ``(images, labels, valid)``.
+    """Every sample of ``split`` exactly once across ranks, as uint8 ``(images, labels, valid)``.
 
     Batches have exactly ``batch_size`` rows; padding rows have ``valid == False``.
     Ranks with fewer samples yield all-padding batches so every rank has the same count.
@@ -249,7 +306,8 @@ def eval_batches(
     shards = index.shards(split)
     bs = batch_size or cfg.eval_batch_size
     per_rank = [sum(n for _, n in split_shards(shards, r, world_size)) for r in range(world_size)]
-    num_batches = max(math.ceil(n / bs) for n in per_rank)
+    num_batches = max(_batches_per_rank(split_shards(shards, r, world_size), bs, cfg.num_workers)
+                      for r in range(world_size))
     mine = [url for url, _ in split_shards(shards, rank, world_size)]
     expected = per_rank[rank]
     example = ToExample(transform or build_transform(cfg, train=False), index.num_classes, cfg.channels)
@@ -261,7 +319,7 @@ def eval_batches(
         if mine:
             ds = _dataset(mine, example, bs, None)
             loader = _loader(ds, min(cfg.num_workers, len(mine)), seed=0)
-            for images, labels in loader.unbatched().batched(bs, partial=True):
+            for images, labels in loader:
                 n = len(labels)
                 seen += n
                 yield _pad(images, labels, bs)
@@ -269,7 +327,7 @@ def eval_batches(
         if seen != expected:
             raise DataError(f"{index.root}: {split} shards of rank {rank} hold {seen} samples, index.json says {expected}")
         for _ in range(num_batches - produced):
-            yield torch.zeros((bs, *shape)), torch.zeros(bs, dtype=torch.long), torch.zeros(bs, dtype=torch.bool)
+            yield torch.zeros((bs, *shape), dtype=torch.uint8), torch.zeros(bs, dtype=torch.long), torch.zeros(bs, dtype=torch.bool)
 
     return Batches(make_iter, num_batches)
 

@@ -7,7 +7,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
-from tqdm import tqdm
+from ..progress import progress
 
 from ..errors import DataError
 
@@ -69,7 +69,7 @@ def check_decodable(paths: list[Path], *, workers: int | None = None) -> None:
     workers = workers or min(8, os.cpu_count() or 1)
     with ProcessPoolExecutor(max_workers=workers) as pool:
         results = pool.map(_check_one, paths, chunksize=64)
-        for err in tqdm(results, total=len(paths), desc="check images", unit="img", leave=False):
+        for err in progress(results, total=len(paths), desc="check images", unit="img", leave=False):
             if err is not None:
                 raise DataError(err)
 
