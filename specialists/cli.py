@@ -60,6 +60,23 @@ def cmd_summary(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_generalist(args: argparse.Namespace) -> int:
+    from .generalist import train_generalist
+
+    path = train_generalist(_load(args), resume=args.resume, force=args.force)
+    print(path)
+    return 0
+
+
+def cmd_import_generalist(args: argparse.Namespace) -> int:
+    from .generalist import import_generalist
+
+    path = import_generalist(_load(args), arch=args.arch, weights_file=args.weights, classes_file=args.classes,
+                             force=args.force)
+    print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="specialists",
@@ -89,6 +106,25 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--group-size", type=int, help="classes per planted confusable group")
     p.set_defaults(func=cmd_prepare)
 
+    p = sub.add_parser("train-generalist", help="train the generalist (works under accelerate launch)",
+                       description="Train the generalist CNN on all classes. Run it as is on one process, or "
+                                   "under `accelerate launch [--multi_gpu] --num_processes N` on many. Writes "
+                                   "<run_dir>/generalist/model.safetensors + model.json, metrics.jsonl, checkpoints/.")
+    add_config_args(p)
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    p.add_argument("--force", action="store_true", help="start over even if a finished or unfinished run is there")
+    p.set_defaults(func=cmd_train_generalist)
+
+    p = sub.add_parser("import-generalist", help="use a classifier you already have as the generalist",
+                       description="Write an existing model (a registered architecture, weights as a .pt state_dict "
+                                   "or .safetensors) as <run_dir>/generalist/model.safetensors + model.json.")
+    add_config_args(p)
+    p.add_argument("--arch", required=True, help="architecture name, e.g. resnet50, resnet18, compact_cnn")
+    p.add_argument("--weights", required=True, help="state_dict file (.pt/.pth or .safetensors)")
+    p.add_argument("--classes", required=True, help="classes.json: the list of class names, index = output")
+    p.add_argument("--force", action="store_true", help="replace a generalist that is already there")
+    p.set_defaults(func=cmd_import_generalist)
+
     p = sub.add_parser("summary", help="print what a prepared shard directory holds")
     p.add_argument("shards", help="prepared shard directory")
     p.add_argument("--verify", action="store_true", help="read every shard back and check it against the index")
@@ -112,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if not args.verbose:
+        logging.getLogger("accelerate").setLevel(logging.WARNING)
     return run_command(args.func, args)
 
 

@@ -10,14 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import TINY
 from PIL import Image
 
 from specialists.data import ShardIndex
 from specialists.errors import DataError, UserError
 from specialists.prepare import prepare, stratified_split
 from specialists.prepare.idx import FILES
-
-from conftest import TINY
 
 
 def read_tar_samples(path: Path) -> dict[str, dict[str, bytes]]:

@@ -7,9 +7,9 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
-from ..progress import progress
 
 from ..errors import DataError
+from ..progress import progress
 
 EXTENSIONS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png"}
 SPLIT_DIRS = ("train", "val", "test")

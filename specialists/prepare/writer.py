@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import webdataset as wds
 from PIL import Image
+
 from ..progress import progress
 
 log = logging.getLogger(__name__)
