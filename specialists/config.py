@@ -81,9 +81,13 @@ class ClusteringConfig:
     num_specialists: int = 2
     classes_per_specialist: int | None = None  # None: disjoint k-means clusters
     method: str = "faiss"  # faiss | minibatch
-    columns: str = "zero_diagonal"
-    top_k: int | None = None
-    n_init: int = 10
+    columns: str = "correlation"  # raw | zero_diagonal | correlation (see docs/clustering-notes.md)
+    normalize: bool = True  # unit-length columns before k-means
+    top_k: int | None = None  # keep each image's k largest probabilities (large C)
+    n_init: int = 5
+    max_iter: int = 50
+    max_dim: int = 512  # random projection of the columns above this many classes
+    batch_size: int = 512
 
 
 @dataclass(frozen=True)
@@ -272,6 +276,7 @@ def _check_values(cfg: RunConfig, label: str) -> None:
         "generalist.optimizer": (cfg.generalist.optimizer, ("sgd", "adamw")),
         "generalist.mixed_precision": (cfg.generalist.mixed_precision, ("auto", "no", "fp16", "bf16")),
         "clustering.method": (cfg.clustering.method, ("faiss", "minibatch")),
+        "clustering.columns": (cfg.clustering.columns, ("raw", "zero_diagonal", "correlation")),
         "clustering.split": (cfg.clustering.split, ("train", "val", "test")),
         "specialists.head": (cfg.specialists.head, ("dustbin", "full")),
         "specialists.bias": (cfg.specialists.bias, ("prior", "fit", "none")),
