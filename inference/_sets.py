@@ -19,6 +19,11 @@ class SetTable:
     sizes:  (M,) long, |Sᵐ|.
     member: (C, M) bool, member[j, m] = j ∈ Sᵐ.
     member_bits: (C, W) int64, the same as bit words: bit m % 63 of word m // 63.
+    slot_class: (M, S) long, ``table`` with padding replaced by the row's first class
+        (a valid index wherever a slot's class is read).
+    slot_others: (M, S, W) int64, bits of the specialists other than m whose sets hold
+        slot s's class (0 on padding); ``& active bits`` finds classes shared in an image.
+    slot_lower: (M, S, W) int64, the same restricted to specialists < m.
     """
 
     num_classes: int
@@ -27,6 +32,9 @@ class SetTable:
     member: Tensor
     member_bits: Tensor
     size_list: tuple[int, ...]
+    slot_class: Tensor
+    slot_others: Tensor
+    slot_lower: Tensor
 
     @property
     def num_specialists(self) -> int:
@@ -76,13 +84,24 @@ def build_set_table(rows: list[Tensor], num_classes: int) -> SetTable:
     member = torch.zeros(num_classes + 1, len(rows), dtype=torch.bool, device=device)
     member[table, torch.arange(len(rows), device=device)[:, None]] = True
     member = member[:num_classes]
+    member_bits = to_bits(member)
+    num_spec = len(rows)
+    pad = table == num_classes
+    slot_class = torch.where(pad, table[:, :1], table)  # (M, S)
+    specs = torch.arange(num_spec, device=device)
+    own = to_bits(specs[:, None] == specs[None, :])  # (M, W) bit m alone
+    below = to_bits(specs[None, :] < specs[:, None])  # (M, W) bits of the specialists < m
+    slot_bits = member_bits[slot_class].masked_fill(pad[:, :, None], 0)  # (M, S, W)
     return SetTable(
         num_classes=num_classes,
         table=table,
         sizes=torch.tensor(sizes, dtype=torch.long, device=device),
         member=member,
-        member_bits=to_bits(member),
+        member_bits=member_bits,
         size_list=tuple(sizes),
+        slot_class=slot_class,
+        slot_others=slot_bits & ~own[:, None, :],
+        slot_lower=slot_bits & below[:, None, :],
     )
 
 
@@ -110,4 +129,7 @@ def table_on(tab: SetTable, device: torch.device) -> SetTable:
         member=tab.member.to(device),
         member_bits=tab.member_bits.to(device),
         size_list=tab.size_list,
+        slot_class=tab.slot_class.to(device),
+        slot_others=tab.slot_others.to(device),
+        slot_lower=tab.slot_lower.to(device),
     )

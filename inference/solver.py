@@ -42,8 +42,7 @@ from inference._sets import BITS_PER_WORD, ClassSets, SetTable, check_class_sets
 _METHODS = ("em", "gradient")
 _DEFAULT_MAX_ITER = {"em": 1000, "gradient": 500}
 _ROW_SUM_TOL = 1e-3  # rows of p_general must sum to 1 within this
-_TOPK_EXTRA = 16
-_LBFGS_MEMORY = 20  # (s, y) pairs kept by the batched L-BFGS  # extra generalist candidates read when looking outside U for top-k
+_LBFGS_MEMORY = 20  # (s, y) pairs kept by the batched L-BFGS
 
 
 # --------------------------------------------------------------------------- validation
@@ -238,8 +237,9 @@ class CompactSolution:
     """q on the union U of the active sets, α·pᵍ elsewhere, in (pair, slot) layout.
 
     pair_img: (P,) image of each active pair; cls, q: (P, S) class and q value of each
-    slot (float64); repeat: (P, S) bool, slots that repeat an (image, class) already held
-    by another slot (same value); alpha: (B,) float64.
+    slot (float32 or float64, the work dtype); repeat: (P, S) bool, slots that repeat an
+    (image, class) already held by another slot (same value); alpha: (B,) float64;
+    flat: (P, S) long, pair_img · C + cls (the slot's offset in a (B, C) tensor).
     """
 
     pair_img: Tensor
@@ -247,114 +247,200 @@ class CompactSolution:
     q: Tensor
     repeat: Tensor
     alpha: Tensor
+    flat: Tensor | None = None
 
 
 @dataclass
 class _EMProblem:
-    """The iteration's data on active (image, specialist) pairs × set slots.
+    """The EM reduced to "nodes": per image, groups of classes whose q stays ∝ w.
 
-    A class in the sets of several active specialists of one image appears in each of
-    their pairs ("shared" entries); those copies are kept equal. One copy per (image,
-    class), the one of the lowest-numbered specialist, counts towards sums over U; the
-    others are "duplicates".
+    For j ∈ U the EM step is q_j ← (w_j + q_j·o_j) / (1 + |A|), with w_j = pᵍ_j + Σ pᵐ_j
+    over the active sets holding j and o_j = Σ ratio_m over the active sets *not*
+    holding j. o_j depends only on the pattern of j (which active sets hold it), so if
+    q ∝ w within a pattern it stays so. The nodes of an image are its patterns: one per
+    active pair (the classes of Sᵐ in no other active set), one per pattern of the
+    shared classes (in ≥ 2 active sets), and one for the classes outside U (w = pᵍ,
+    q = α·pᵍ). The EM on the node masses Q_n is the EM of the full problem restricted to
+    that invariant subspace, and the optimum lies in it (KKT: q_j = w_j / (1 + |A| − o_j)).
+    Nodes are laid out as [P pair nodes | shared patterns | B outside nodes].
     """
 
     batch: int
     pair_img: Tensor  # (P,) image of each pair; pairs m-major, as compact rows
-    cls: Tensor  # (P, S) class of each slot, C on padding
+    cls: Tensor  # (P, S) class of each slot (padding repeats the first slot's class)
+    flat: Tensor  # (P, S) pair_img · C + cls
     pad: Tensor | None  # (P, S) bool padding slots, None if every set has S classes
-    g: Tensor  # (P, S) pᵍ on the slots (0 on padding)
-    base: Tensor  # (P, S) pᵍ_j + Σ_{m∈A, j∈Sᵐ} pᵐ_j (0 on padding)
-    d: Tensor  # (P,) dustbin probabilities
+    w: Tensor  # (P, S) w_j on the slots (0 on padding), work dtype
+    d: Tensor  # (P,) float64 dustbin probabilities
     sh_idx: Tensor  # (K,) flat slot index of every shared entry
-    sh_pair: Tensor  # (K,) its pair
-    sh_img: Tensor  # (K,) its image
-    sh_group: Tensor  # (K,) id of its (image, class)
-    n_groups: int
+    sh_node: Tensor  # (K,) its node
     dup_idx: Tensor  # (D,) flat slot index of the duplicate entries (a subset of shared)
-    dup_img: Tensor  # (D,)
-    g_out: Tensor  # (B,) Σ_{j∉U} pᵍ_j
-    n_act: Tensor  # (B,) |A| as float64
-    const: Tensor  # (B,) Σ_U pᵍ log pᵍ + Σ_m Σ pᵐ log pᵐ (the objective's constant)
+    node_img: Tensor  # (N,) image of each node
+    weight: Tensor  # (N,) float64 W_n = Σ_{j∈n} w_j
+    start: Tensor  # (N,) float64 Σ_{j∈n} pᵍ_j: the node masses of q = pᵍ
+    inc_node: Tensor  # (P + I,) node of each (node, pair) incidence: pair m's set holds it
+    inc_pair: Tensor  # (P + I,) its pair
+    has_pair: Tensor  # (B,) bool
+    denom: Tensor  # (N,) float64 1 + |A| of the node's image
+    const: Tensor  # (B,) the objective's constant: f = const − Σ W log Q − Σ d log R
 
 
 def _seg_sum(x: Tensor, index: Tensor, size: int) -> Tensor:
     return torch.zeros(size, dtype=x.dtype, device=x.device).index_add_(0, index, x)
 
 
+def _plogp(x: Tensor) -> Tensor:
+    """x log x elementwise, 0 at 0 (log of the clamped value: vectorised, unlike xlogy)."""
+    return x * x.clamp_min(torch.finfo(x.dtype).tiny).log()
+
+
+def _dense_ids(key: Tensor) -> tuple[Tensor, int]:
+    """Consecutive ids of the distinct values (rows, for 2-D) of ``key``, and how many."""
+    if key.numel() == 0:
+        return key.new_zeros(0), 0
+    uniq, ids = torch.unique(key, dim=0 if key.ndim == 2 else None, return_inverse=True)
+    return ids, uniq.shape[0]
+
+
+@dataclass
+class _Shared:
+    """Slots whose class lies in ≥ 2 active sets of the image (K entries, every copy)."""
+
+    idx: Tensor  # (K,) flat slot index
+    pair: Tensor  # (K,)
+    img: Tensor  # (K,)
+    group: Tensor  # (K,) id of its (image, class)
+    n_groups: int
+    pattern: Tensor  # (K,) id of its (image, set of active specialists holding it)
+    n_patterns: int
+    is_dup: Tensor  # (K,) bool: a lower-numbered active specialist holds it too
+
+
 def _shared_entries(
     cls: Tensor, pair_m: Tensor, pair_img: Tensor, sets: SetTable, active: Tensor
-) -> tuple[Tensor, Tensor]:
-    """Flat slot indices of the shared entries (class in ≥ 2 active sets of the image)
-    and a (K,) bool marking the duplicates among them (a lower active set has it too)."""
-    num_classes = sets.num_classes
+) -> _Shared:
+    """Find the shared slots with the precomputed bit words of the set table; only pairs
+    of images with ≥ 2 active specialists are looked at."""
+    num_classes, width = sets.num_classes, cls.shape[1]
     act_bits = to_bits(active)  # (B, W)
     words = act_bits.shape[1]
-    common = sets.member_bits[cls.clamp_max(num_classes - 1)] & act_bits[pair_img][:, None, :]
-    # (P, S, W) bit words of the active specialists holding the slot's class
-    nonzero_words = (common != 0).sum(-1)
-    multi = (nonzero_words > 1) | ((common & (common - 1)) != 0).any(-1)  # (P, S)
-    multi &= cls < num_classes  # not padding
-    sh_idx = multi.view(-1).nonzero().squeeze(1)  # (K,)
-    if sh_idx.numel() == 0:
-        return sh_idx, torch.zeros(0, dtype=torch.bool, device=cls.device)
-    sh_common = common.view(-1, words)[sh_idx]  # (K, W)
-    m = pair_m[sh_idx // cls.shape[1]]  # (K,) the entry's own specialist
-    word, bit = m // BITS_PER_WORD, m % BITS_PER_WORD
-    w_range = torch.arange(words, device=cls.device)
-    below_in_word = torch.bitwise_left_shift(torch.ones_like(bit), bit) - 1  # bits < m
-    lower = torch.where(w_range[None, :] == word[:, None], below_in_word[:, None], 0)
-    lower = torch.where(w_range[None, :] < word[:, None], -1, lower)  # (K, W) specialists < m
-    is_dup = ((sh_common & lower) != 0).any(-1)
-    return sh_idx, is_dup
+    can = (active.sum(1).index_select(0, pair_img) >= 2).nonzero().squeeze(1)  # (P',)
+    common = sets.slot_others.index_select(0, pair_m[can]) & act_bits.index_select(
+        0, pair_img[can]
+    )[:, None, :]  # (P', S, W) the other active specialists holding the slot's class
+    multi = common.squeeze(2) != 0 if words == 1 else (common != 0).any(2)  # (P', S)
+    loc = multi.view(-1).nonzero().squeeze(1)  # (K,)
+    pair = can[loc // width]
+    slot = loc % width
+    img, m = pair_img[pair], pair_m[pair]
+    idx = pair * width + slot
+    lower = sets.slot_lower[m, slot] & act_bits[img]  # (K, W)
+    is_dup = (lower != 0).any(1)
+    own = torch.zeros_like(lower).scatter_(
+        1, (m // BITS_PER_WORD)[:, None], torch.bitwise_left_shift(1, m % BITS_PER_WORD)[:, None]
+    )
+    holders = common.view(-1, words)[loc] | own  # (K, W) the class's pattern
+    group, n_groups = _dense_ids(img * num_classes + cls.view(-1)[idx])
+    mask_id, n_masks = _dense_ids(holders.squeeze(1) if words == 1 else holders)
+    pattern, n_patterns = _dense_ids(img * max(n_masks, 1) + mask_id)
+    return _Shared(idx, pair, img, group, n_groups, pattern, n_patterns, is_dup)
+
+
+def _work_dtype(p_general: Tensor, rows: list[Tensor]) -> torch.dtype:
+    """Per-slot arrays in the inputs' precision (at least float32); sums in float64."""
+    dtype = torch.promote_types(p_general.dtype, torch.float32)
+    for p in rows:
+        dtype = torch.promote_types(dtype, p.dtype)
+    return dtype
+
+
+def _specialist_slots(
+    rows: list[Tensor], width: int, dtype: torch.dtype, device: torch.device
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(P, S) set probabilities (0 on padding), (P,) float64 dustbins, (P,) float64
+    Σ pᵐ log pᵐ, from the compact rows stacked m-major."""
+    rows = [p for p in rows if p.shape[0] > 0]
+    if not rows:
+        empty = torch.zeros(0, dtype=torch.float64, device=device)
+        return torch.zeros(0, width, dtype=dtype, device=device), empty, empty
+    if all(p.shape[1] == width + 1 for p in rows):
+        spec = torch.cat(rows).to(dtype)  # (P, S + 1)
+        pv = spec[:, :-1]
+    else:
+        spec = torch.cat([F.pad(p.to(dtype), (0, width + 1 - p.shape[1])) for p in rows])
+        pv = torch.cat([F.pad(p[:, :-1].to(dtype), (0, width + 1 - p.shape[1])) for p in rows])
+    d = torch.cat([p[:, -1] for p in rows]).to(torch.float64)
+    return pv, d, _plogp(spec).sum(1, dtype=torch.float64)
 
 
 def _em_problem(
     p_general: Tensor, sets: SetTable, active: Tensor, rows: list[Tensor], row_sums: Tensor
 ) -> _EMProblem:
-    """Gather everything the iteration needs onto the active pairs and their set slots."""
+    """Gather pᵍ and the specialists onto the active pairs' slots; build the nodes."""
     batch, num_classes = p_general.shape
     device = p_general.device
     f64 = torch.float64
+    dtype = _work_dtype(p_general, rows)
     width = sets.table.shape[1]
     pair_m, pair_img = active.T.nonzero(as_tuple=True)  # (P,), m-major: matches compact rows
     n_pairs = pair_m.numel()
-    cls = sets.table.index_select(0, pair_m)  # (P, S)
-    pad = None if min(sets.size_list) == width else cls == num_classes
-    flat = pair_img[:, None] * num_classes + cls.clamp_max(num_classes - 1)
-    g = p_general.reshape(-1).index_select(0, flat.view(-1)).view(n_pairs, width).to(f64)
-    nonempty = [p for p in rows if p.shape[0] > 0]
-    if nonempty:
-        pv = torch.cat([F.pad(p[:, :-1], (0, width + 1 - p.shape[1])) for p in nonempty]).to(f64)
-        d = torch.cat([p[:, -1] for p in nonempty]).to(f64)
-        spec_const = torch.cat([torch.xlogy(p, p).sum(1) for p in nonempty]).to(f64)
-    else:
-        pv = torch.zeros(0, width, dtype=f64, device=device)
-        d = spec_const = torch.zeros(0, dtype=f64, device=device)
+    cls = sets.slot_class.index_select(0, pair_m)  # (P, S)
+    pad = None
+    if min(sets.size_list) < width:
+        pad = torch.arange(width, device=device) >= sets.sizes.index_select(0, pair_m)[:, None]
+    flat = (pair_img * num_classes)[:, None] + cls  # (P, S)
+    g = p_general.reshape(-1).index_select(0, flat.view(-1)).view(n_pairs, width).to(dtype)
     if pad is not None:
         g = g.masked_fill(pad, 0.0)
-    base = g + pv
-    sh_idx, is_dup = _shared_entries(cls, pair_m, pair_img, sets, active)
-    sh_pair = sh_idx // width
-    sh_img = pair_img[sh_pair]
-    sh_cls = cls.view(-1)[sh_idx]
-    _, sh_group = torch.unique(sh_img * num_classes + sh_cls, return_inverse=True)
-    n_groups = int(sh_group.max()) + 1 if sh_idx.numel() else 0
-    if sh_idx.numel():  # a shared class gets every active specialist's probability
-        pv_sum = _seg_sum(pv.view(-1)[sh_idx], sh_group, n_groups)
-        base.view(-1)[sh_idx] = g.view(-1)[sh_idx] + pv_sum[sh_group]
-    dup_idx, dup_img = sh_idx[is_dup], sh_img[is_dup]
-    g_in = _seg_sum(g.sum(1), pair_img, batch) - _seg_sum(g.view(-1)[dup_idx], dup_img, batch)
-    g_out = (row_sums - g_in).clamp_min(0.0)  # (B,)
-    glogg = torch.xlogy(g, g)
+    pv, d, spec_const = _specialist_slots(rows, width, dtype, device)
+    w = g + pv  # (P, S)
+    sh = _shared_entries(cls, pair_m, pair_img, sets, active)
+    g_sh = g.view(-1)[sh.idx]  # (K,) the same pᵍ_j in every copy
+    if sh.idx.numel():  # a shared class gets every active specialist's probability
+        pv_sum = _seg_sum(pv.reshape(-1)[sh.idx], sh.group, sh.n_groups)
+        w.view(-1)[sh.idx] = g_sh + pv_sum.index_select(0, sh.group)
+    w_sh = w.view(-1)[sh.idx]
+    first = (~sh.is_dup).nonzero().squeeze(1)  # one copy per (image, class)
+    dup = sh.is_dup.nonzero().squeeze(1)
+    dup_idx, dup_img = sh.idx[dup], sh.img[dup]
+    n_pat = sh.n_patterns
+    pat_first = sh.pattern[first]
+    g_out = row_sums - _seg_sum(g.sum(1, dtype=f64), pair_img, batch) + _seg_sum(
+        g_sh[dup].to(f64), dup_img, batch
+    )  # (B,) Σ_{j∉U} pᵍ_j
+    weight = torch.cat([
+        (w.sum(1, dtype=f64) - _seg_sum(w_sh.to(f64), sh.pair, n_pairs)).clamp_min(0.0),
+        _seg_sum(w_sh[first].to(f64), pat_first, n_pat),
+        g_out.clamp_min(0.0),
+    ])  # (N,)
+    start = torch.cat([
+        (g.sum(1, dtype=f64) - _seg_sum(g_sh.to(f64), sh.pair, n_pairs)).clamp_min(0.0),
+        _seg_sum(g_sh[first].to(f64), pat_first, n_pat),
+        g_out.clamp_min(0.0),
+    ])
+    pat_img = torch.zeros(n_pat, dtype=torch.long, device=device).index_copy_(
+        0, pat_first, sh.img[first]
+    )
+    node_img = torch.cat([pair_img, pat_img, torch.arange(batch, device=device)])
+    inc, _ = torch.unique(sh.pattern * max(n_pairs, 1) + sh.pair, return_inverse=True)
+    arange_p = torch.arange(n_pairs, device=device)
+    n_act = active.sum(1).to(f64)
+    # f = Σ pᵍ log pᵍ + Σ pᵐ log pᵐ − Σ_j w_j log q_j − Σ d log R over U (outside U the
+    # pᵍ log pᵍ cancel); with q_j = Q_n w_j / W_n: − Σ_j w_j log q_j = Σ_U w log w
+    # − Σ_n W_n log W_n − Σ_n W_n log Q_n.
+    slot_const = _plogp(g).sub_(_plogp(w))  # (P, S)
     const = (
-        _seg_sum(glogg.sum(1) + spec_const, pair_img, batch)
-        - _seg_sum(glogg.view(-1)[dup_idx], dup_img, batch)
+        _seg_sum(slot_const.sum(1, dtype=f64) + spec_const, pair_img, batch)
+        - _seg_sum(slot_const.view(-1)[dup_idx].to(f64), dup_img, batch)
+        + _seg_sum(torch.xlogy(weight, weight), node_img, batch)
     )
     return _EMProblem(
-        batch=batch, pair_img=pair_img, cls=cls, pad=pad, g=g, base=base, d=d,
-        sh_idx=sh_idx, sh_pair=sh_pair, sh_img=sh_img, sh_group=sh_group, n_groups=n_groups,
-        dup_idx=dup_idx, dup_img=dup_img, g_out=g_out, n_act=active.sum(1).to(f64), const=const,
+        batch=batch, pair_img=pair_img, cls=cls, flat=flat, pad=pad, w=w, d=d,
+        sh_idx=sh.idx, sh_node=n_pairs + sh.pattern, dup_idx=dup_idx, node_img=node_img,
+        weight=weight, start=start,
+        inc_node=torch.cat([arange_p, n_pairs + inc // max(n_pairs, 1)]),
+        inc_pair=torch.cat([arange_p, inc % max(n_pairs, 1)]),
+        has_pair=n_act > 0, denom=(1.0 + n_act).index_select(0, node_img), const=const,
     )
 
 
@@ -365,6 +451,36 @@ def _converged(f_prev: Tensor, f: Tensor, tol: float, atol: Tensor) -> bool:
     small = (f_prev - f).abs() <= tol * f.abs() + atol
     stuck = ~torch.isfinite(f) & ~torch.isfinite(f_prev)
     return bool(((finite & small) | stuck).all())
+
+
+def _node_rest(pr: _EMProblem, mass: Tensor) -> Tensor:
+    """(P,) R_m = Σ_{j∉Sᵐ} q_j of every pair: the image's total (1) minus its set's mass."""
+    n_pairs = pr.pair_img.numel()
+    inside = _seg_sum(mass.index_select(0, pr.inc_node), pr.inc_pair, n_pairs)
+    total = _seg_sum(mass, pr.node_img, pr.batch).index_select(0, pr.pair_img)
+    return (total - inside).clamp_min(0.0)
+
+
+def _node_objective(pr: _EMProblem, mass: Tensor, rest: Tensor) -> Tensor:
+    """(B,) objective of the node masses (the full KL objective of the q they define)."""
+    return (
+        pr.const
+        - _seg_sum(torch.xlogy(pr.weight, mass), pr.node_img, pr.batch)
+        - _seg_sum(torch.xlogy(pr.d, rest), pr.pair_img, pr.batch)
+    )
+
+
+def _node_step(pr: _EMProblem, mass: Tensor, rest: Tensor) -> Tensor:
+    """One EM step on the node masses (renormalised per image against rounding)."""
+    tiny = torch.finfo(mass.dtype).tiny
+    ratio = pr.d / rest.clamp_min(tiny)  # (P,) pᵐ_dustbin / Σ_{i∉Sᵐ} q_i
+    ratio_img = _seg_sum(ratio, pr.pair_img, pr.batch)  # (B,) Σ_{m∈A} ratio_m
+    ratio_in = _seg_sum(ratio.index_select(0, pr.inc_pair), pr.inc_node, mass.numel())
+    others = (ratio_img.index_select(0, pr.node_img) - ratio_in).clamp_min(0.0)  # (N,)
+    new = torch.addcmul(pr.weight, mass, others).div_(pr.denom)
+    total = _seg_sum(new, pr.node_img, pr.batch)
+    total = torch.where(pr.has_pair, total, 1.0)  # no pair: Q = W = Σ pᵍ, kept exactly
+    return new.div_(total.index_select(0, pr.node_img))
 
 
 def solve_em(
@@ -383,91 +499,85 @@ def solve_em(
         q_j ← (pᵍ_j + Σ_{m∈A} t^m_j) / (1 + |A|),
         t^m_j = pᵐ_j (j ∈ Sᵐ),  q_j·pᵐ_dustbin / Σ_{i∉Sᵐ} q_i (j ∉ Sᵐ),
 
-    with q_j = α·pᵍ_j outside U. For j ∈ U the sum is pᵐ_j over the active sets holding
-    j plus q_j·Σ ratio_m over the others, ratio_m = pᵐ_dustbin / Σ_{i∉Sᵐ} q_i. Each step
-    decreases the KL objective; it is evaluated on U at every iterate (cheap).
+    run on the node masses of ``_EMProblem`` (a few numbers per image): q_j = α·pᵍ_j
+    outside U, q_j ∝ w_j within each node. Started at the pᵍ mass of every node; each
+    step decreases the KL objective, which is evaluated at every iterate (cheap).
     """
     pr = _em_problem(p_general, sets, active, rows, row_sums)
-    batch, pair_img, d = pr.batch, pr.pair_img, pr.d
-    dup_idx, dup_img = pr.dup_idx, pr.dup_img
-    tiny = torch.finfo(torch.float64).tiny
-    q = pr.g.clone()  # (P, S) start at pᵍ
-    s_in = q.sum(1)  # (P,) Σ_{j∈Sᵐ} q_j
-    alpha = torch.ones(batch, dtype=torch.float64, device=p_general.device)
-    denom = 1.0 + pr.n_act  # (B,)
-    has_pair = pr.n_act > 0
-    g_out_p = pr.g_out.index_select(0, pair_img)  # (P,)
-    base_sh = pr.base.view(-1).index_select(0, pr.sh_idx)  # (K,)
-    base_dup = pr.base.view(-1).index_select(0, dup_idx)  # (D,)
-    atol = 1e-14 * (1.0 + pr.const.abs() + pr.n_act)
+    mass = pr.start.clone()  # (N,)
+    atol = 1e-14 * (1.0 + pr.const.abs() + pr.denom.new_zeros(pr.batch).index_add_(
+        0, pr.node_img, pr.weight).abs())
     f_prev = None
     for it in range(max_iter + 1):
-        q_dup = q.view(-1).index_select(0, dup_idx)  # (D,)
-        tot_u = _seg_sum(s_in, pair_img, batch) - _seg_sum(q_dup, dup_img, batch)  # (B,) Σ_U q
-        rest = (tot_u.index_select(0, pair_img) - s_in).clamp_min(0.0)
-        rest = rest + alpha.index_select(0, pair_img) * g_out_p  # (P,) Σ_{j∉Sᵐ} q_j
-        logq = q.clamp_min(tiny).log_()  # (P, S); padding: weight 0 · finite
-        wlogq_u = _seg_sum(torch.linalg.vecdot(pr.base, logq), pair_img, batch) - _seg_sum(
-            base_dup * logq.view(-1).index_select(0, dup_idx), dup_img, batch
-        )
-        f = (
-            pr.const - wlogq_u - torch.xlogy(pr.g_out, alpha)
-            - _seg_sum(torch.xlogy(d, rest), pair_img, batch)
-        )  # (B,) objective at the current iterate
+        rest = _node_rest(pr, mass)
+        f = _node_objective(pr, mass, rest)
         if history is not None:
             history.append(f.clone())
         if it == max_iter or (f_prev is not None and _converged(f_prev, f, tol, atol)):
             break
         f_prev = f
-        ratio = d / rest.clamp_min(tiny)  # (P,) pᵐ_dustbin / Σ_{i∉Sᵐ} q_i
-        ratio_img = _seg_sum(ratio, pair_img, batch)  # (B,) Σ_{m∈A} ratio_m
-        others = (ratio_img.index_select(0, pair_img) - ratio).clamp_min(0.0)  # other pairs
-        q_new = torch.addcmul(pr.base, q, others[:, None])  # (P, S) unnormalised
-        if pr.sh_idx.numel():  # a shared class is in several active sets: fewer "others"
-            ratio_in = _seg_sum(ratio.index_select(0, pr.sh_pair), pr.sh_group, pr.n_groups)
-            others_sh = ratio_img.index_select(0, pr.sh_img) - ratio_in.index_select(0, pr.sh_group)
-            q_sh = q.view(-1).index_select(0, pr.sh_idx)
-            q_new.view(-1).index_copy_(0, pr.sh_idx, base_sh + q_sh * others_sh.clamp_min(0.0))
-        alpha = (1.0 + alpha * ratio_img) / denom
-        s_new = q_new.sum(1)  # (P,)
-        tot_new = _seg_sum(s_new, pair_img, batch) - _seg_sum(
-            q_new.view(-1).index_select(0, dup_idx), dup_img, batch
-        )
-        total = torch.where(has_pair, tot_new / denom + alpha * pr.g_out, 1.0)
-        # divide by (1 + |A|) and renormalise (guards the simplex against rounding)
-        scale = (1.0 / (denom * total)).index_select(0, pair_img)  # (P,)
-        q = q_new.mul_(scale[:, None])
-        s_in = s_new * scale
-        alpha = alpha / total
+        mass = _node_step(pr, mass, rest)
+    return _node_solution(pr, mass)
+
+
+def _node_solution(pr: _EMProblem, mass: Tensor) -> CompactSolution:
+    """q on the slots (w_j · Q_n / W_n) and α = Q_outside / Σ_{j∉U} pᵍ_j."""
+    n_pairs, batch = pr.pair_img.numel(), pr.batch
+    w = pr.weight
+    scale = torch.where(w > 0, mass / w.clamp_min(torch.finfo(w.dtype).tiny), 0.0)  # (N,)
+    q = pr.w * scale[:n_pairs, None].to(pr.w.dtype)  # (P, S)
+    if pr.sh_idx.numel():
+        sh_scale = scale.index_select(0, pr.sh_node).to(pr.w.dtype)
+        q.view(-1)[pr.sh_idx] = pr.w.view(-1)[pr.sh_idx] * sh_scale
+    alpha = torch.where(pr.has_pair & (w[-batch:] > 0), scale[-batch:], 1.0)  # (B,)
     repeat = pr.pad.clone() if pr.pad is not None else torch.zeros_like(q, dtype=torch.bool)
-    repeat.view(-1)[dup_idx] = True
-    cls, q_out = pr.cls, q
+    repeat.view(-1)[pr.dup_idx] = True
     if pr.pad is not None:  # padding repeats the pair's first slot: harmless duplicate writes
-        cls = torch.where(pr.pad, cls[:, :1], cls)
-        q_out = torch.where(pr.pad, q[:, :1], q)
-    return CompactSolution(pair_img=pair_img, cls=cls, q=q_out, repeat=repeat, alpha=alpha)
+        q = torch.where(pr.pad, q[:, :1], q)
+    return CompactSolution(
+        pair_img=pr.pair_img, cls=pr.cls, q=q, repeat=repeat, alpha=alpha, flat=pr.flat
+    )
 
 
 def densify(sol: CompactSolution, p_general: Tensor) -> Tensor:
     """Write the dense (B, C) q: α·pᵍ everywhere, then the U entries."""
     num_classes = p_general.shape[1]
-    q = sol.alpha.to(p_general.dtype)[:, None] * p_general  # (B, C); α = 1 exactly if no pair
-    flat = (sol.pair_img[:, None] * num_classes + sol.cls).view(-1)  # (P*S,)
-    q.view(-1).index_copy_(0, flat, sol.q.view(-1).to(p_general.dtype))  # repeats: same value
+    q = torch.mul(p_general, sol.alpha.to(p_general.dtype)[:, None])  # (B, C); α = 1 if no pair
+    flat = sol.flat if sol.flat is not None else sol.pair_img[:, None] * num_classes + sol.cls
+    q.view(-1).index_copy_(0, flat.view(-1), sol.q.reshape(-1).to(p_general.dtype))  # repeats: same value
     return q
 
 
 def compact_topk(
     sol: CompactSolution, p_general: Tensor, sets: SetTable, active: Tensor, k: int
 ) -> tuple[Tensor, Tensor]:
-    """Top-k of q without writing it. Candidates: each pair's k best U entries, and
-    α·(pᵍ's best classes outside U) found among pᵍ's top k + 8; where all of those are
-    in U, their smallest value bounds what lies outside, and only rows where that bound
-    could reach the top-k read their full pᵍ row again."""
-    batch, num_classes = p_general.shape
+    """Top-k of q without writing it. Candidates: each image's k best U entries; a class
+    outside U has q_j = α·pᵍ_j ≤ α·max pᵍ, so only the rows where that bound reaches
+    the k-th U value look further: their largest pᵍ outside U (U masked in a small
+    buffer, a few rows at a time), and where even that could enter the top-k, or U has
+    fewer than k classes, the row's q is written densely."""
+    del sets, active  # the solution already holds U
     f64 = torch.float64
-    device = p_general.device
-    # U side: per pair top-k, then per image over its pairs
+    top_val, top_idx = _u_topk(sol, p_general.shape[0], k)  # (B, k), -1 where missing
+    kth = top_val[:, -1]  # (B,)
+    margin = 1.0 - 1e-12  # ties and rounding go to the careful path
+    look = (kth < 0) | (sol.alpha * p_general.amax(1).to(f64) >= kth * margin)
+    if bool(look.any()):
+        rows_b = look.nonzero().squeeze(1)  # (r,)
+        out_max = torch.full_like(kth, -1.0)
+        part = rows_b[kth[rows_b] >= 0]
+        if part.numel():
+            out_max[part] = _max_outside_u(sol, p_general, part)
+        redo = rows_b[(kth[rows_b] < 0) | (sol.alpha[rows_b] * out_max[rows_b] >= kth[rows_b] * margin)]
+        if redo.numel():
+            top_val[redo], top_idx[redo] = _dense_rows_topk(sol, p_general, redo, k)
+    return top_val.to(p_general.dtype), top_idx
+
+
+def _u_topk(sol: CompactSolution, batch: int, k: int) -> tuple[Tensor, Tensor]:
+    """(B, k) float64 top-k of q over U (each pair's k best, then per image), -1 / 0
+    where an image has fewer than k classes in U."""
+    device = sol.q.device
     kp = min(k, sol.q.shape[1])
     pv, pi = sol.q.masked_fill(sol.repeat, -1.0).topk(kp, dim=1)  # (P, kp)
     pc = sol.cls.gather(1, pi)
@@ -477,37 +587,57 @@ def compact_topk(
     starts = torch.cumsum(counts, 0) - counts
     rank = torch.empty_like(order)
     rank[order] = torch.arange(n_pairs, device=device) - starts[sol.pair_img[order]]
-    width = int(counts.max()) * kp if n_pairs else 0
-    u_val = torch.full((batch, width), -1.0, dtype=f64, device=device)
+    width = max(int(counts.max()) * kp if n_pairs else 0, k)
+    u_val = torch.full((batch, width), -1.0, dtype=torch.float64, device=device)
     u_idx = torch.zeros((batch, width), dtype=torch.long, device=device)
     cols = rank[:, None] * kp + torch.arange(kp, device=device)  # (P, kp)
-    u_val[sol.pair_img[:, None], cols] = pv
+    u_val[sol.pair_img[:, None], cols] = pv.to(torch.float64)
     u_idx[sol.pair_img[:, None], cols] = pc
-    # outside U: q_j = α·pᵍ_j
-    kk = min(num_classes, k + _TOPK_EXTRA)
-    g_val, g_idx = p_general.topk(kk, dim=1)  # (B, kk)
-    g_val = g_val.to(f64)
-    in_u = (sets.member[g_idx] & active[:, None, :]).any(-1)  # (B, kk)
-    out_val, pos = g_val.masked_fill(in_u, -1.0).topk(min(k, kk), dim=1)
-    out_idx = g_idx.gather(1, pos)
-    out_val = torch.where(out_val >= 0, out_val * sol.alpha[:, None], out_val)
-    cand_val = torch.cat([u_val, out_val], 1)
-    cand_idx = torch.cat([u_idx, out_idx], 1)
-    top_val, top_pos = cand_val.topk(k, dim=1)
-    top_idx = cand_idx.gather(1, top_pos)
-    # rows where a class outside U below pᵍ's top kk could still enter the top-k
-    unseen = (~in_u).sum(1) < k  # fewer than k outside-U classes among the top kk
-    bound = g_val[:, -1] * sol.alpha  # α · (kk-th largest pᵍ) bounds every unseen class
-    redo = unseen & (kk < num_classes) & (bound >= top_val[:, -1])
-    if bool(redo.any()):  # write q densely for those rows only
-        rows_b = redo.nonzero().squeeze(1)  # (r,)
-        sub = p_general.index_select(0, rows_b).to(f64) * sol.alpha[rows_b, None]  # (r, C)
-        slot = torch.full((batch,), -1, dtype=torch.long, device=device)
-        slot[rows_b] = torch.arange(rows_b.numel(), device=device)
-        pairs = (slot[sol.pair_img] >= 0).nonzero().squeeze(1)
-        sub[slot[sol.pair_img[pairs]][:, None], sol.cls[pairs]] = sol.q[pairs]
-        top_val[rows_b], top_idx[rows_b] = sub.topk(k, dim=1)
-    return top_val.to(p_general.dtype), top_idx
+    top_val, top_pos = u_val.topk(k, dim=1)
+    return top_val, u_idx.gather(1, top_pos)
+
+
+def _max_outside_u(sol: CompactSolution, p_general: Tensor, rows_b: Tensor) -> Tensor:
+    """(r,) float64 max of pᵍ over the classes outside U of the images ``rows_b``
+    (sorted), −1 if none: their pᵍ rows copied a few at a time into a buffer that stays
+    in cache, U set to −1, row max."""
+    batch, num_classes = p_general.shape
+    device = p_general.device
+    n_rows = rows_b.numel()
+    slot = torch.full((batch,), -1, dtype=torch.long, device=device)
+    slot[rows_b] = torch.arange(n_rows, device=device)
+    pairs = (slot[sol.pair_img] >= 0).nonzero().squeeze(1)
+    local = slot[sol.pair_img[pairs]]  # (P',) buffer row of each pair
+    order = torch.argsort(local, stable=True)
+    pairs, local = pairs[order], local[order]
+    chunk = max(1, (1 << 19) // num_classes)  # rows per buffer: ~2 MB of float32
+    starts = torch.arange(0, n_rows + chunk, chunk, device=device).clamp_max(n_rows)
+    bounds = torch.searchsorted(local, starts).tolist()
+    buf = torch.empty(min(chunk, n_rows), num_classes, dtype=p_general.dtype, device=device)
+    out = torch.empty(n_rows, dtype=p_general.dtype, device=device)
+    minus_one = torch.tensor(-1.0, dtype=p_general.dtype, device=device)
+    for i, r0 in enumerate(range(0, n_rows, chunk)):
+        r1 = min(r0 + chunk, n_rows)
+        b = buf[: r1 - r0]
+        torch.index_select(p_general, 0, rows_b[r0:r1], out=b)
+        sel = pairs[bounds[i] : bounds[i + 1]]
+        b.index_put_(((local[bounds[i] : bounds[i + 1]] - r0)[:, None], sol.cls[sel]), minus_one)
+        torch.amax(b, 1, out=out[r0:r1])
+    return out.to(torch.float64)
+
+
+def _dense_rows_topk(
+    sol: CompactSolution, p_general: Tensor, rows_b: Tensor, k: int
+) -> tuple[Tensor, Tensor]:
+    """Top-k of q for the images ``rows_b``, their q rows written densely (float64)."""
+    batch = p_general.shape[0]
+    device = p_general.device
+    sub = p_general.index_select(0, rows_b).to(torch.float64) * sol.alpha[rows_b, None]  # (r, C)
+    slot = torch.full((batch,), -1, dtype=torch.long, device=device)
+    slot[rows_b] = torch.arange(rows_b.numel(), device=device)
+    pairs = (slot[sol.pair_img] >= 0).nonzero().squeeze(1)
+    sub[slot[sol.pair_img[pairs]][:, None], sol.cls[pairs]] = sol.q[pairs].to(torch.float64)
+    return sub.topk(k, dim=1)
 
 
 # --------------------------------------------------------------------------- gradient
