@@ -77,6 +77,23 @@ def cmd_import_generalist(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cluster(args: argparse.Namespace) -> int:
+    from .cluster import describe, run_cluster
+
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which SIMD build loaded: not news
+    result = run_cluster(_load(args), force=args.force, config_label=args.config)
+    if result is not None:  # the main process
+        print(describe(result))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report_stage import write_run_report
+
+    print(write_run_report(args.run))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="specialists",
@@ -124,6 +141,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classes", required=True, help="classes.json: the list of class names, index = output")
     p.add_argument("--force", action="store_true", help="replace a generalist that is already there")
     p.set_defaults(func=cmd_import_generalist)
+
+    p = sub.add_parser("cluster", help="class sets of the specialists from the generalist's confusions",
+                       description="Run the generalist over clustering.split (works under accelerate launch), "
+                                   "accumulate the covariance of its softmax outputs, cluster its columns. Writes "
+                                   "<run_dir>/clusters.json, covariance.npy, cluster/ (confusion counts, config) "
+                                   "and report/.")
+    add_config_args(p)
+    p.add_argument("--force", action="store_true", help="redo even if clusters.json is already there")
+    p.set_defaults(func=cmd_cluster)
+
+    p = sub.add_parser("report", help="(re)write a run's clustering report",
+                       description="Write DIR/report/index.html from DIR/clusters.json, covariance.npy and the "
+                                   "shards named in the run's config.")
+    p.add_argument("--run", required=True, metavar="DIR", help="run directory (the config's run_dir)")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("summary", help="print what a prepared shard directory holds")
     p.add_argument("shards", help="prepared shard directory")
