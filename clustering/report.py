@@ -227,6 +227,7 @@ def _write_pages(
     counts = stats["coverage_counts"]
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
     ax.bar(list(counts), list(counts.values()))
+    ax.set_xticks(list(counts))  # whole numbers of sets, not a continuous axis
     ax.set_xlabel("number of sets covering a class")
     ax.set_ylabel("classes")
     fig.tight_layout()

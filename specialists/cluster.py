@@ -217,6 +217,7 @@ def run_cluster(cfg: RunConfig, *, force: bool = False, config_label: str = "the
     if accelerator.is_main_process:
         method = {**method, "world_size": world, "num_images": acc.count}
         clusters = _write_outputs(cfg, index, acc, pairs, method, config_label)
+        del acc  # its buffer became the covariance: free it before the report reads covariance.npy
         page = _report(run_dir) if report else None
         result = ClusterResult(clusters, skipped=False, report=page)
     accelerator.wait_for_everyone()

@@ -77,7 +77,8 @@ def write_run_report(run_dir: str | Path) -> Path:
     wanted = sorted({i for s in clusters.sets for i in s})
     size = min(EXAMPLE_SIZE, cfg.data.image_size)
     examples = read_examples(index, wanted, per_class=EXAMPLES_PER_CLASS, size=size, channels=cfg.data.channels)
-    method = {**clusters.method, "quality": clusters.quality}
+    quality = {k: round(v, 4) if isinstance(v, float) else v for k, v in (clusters.quality or {}).items()}
+    method = {**clusters.method, "quality": quality}
     return write_report(run_dir / "report", cov=cov, class_names=clusters.class_names, class_sets=clusters.sets,
                         examples=examples, confusion=confusion, method=method)
 
