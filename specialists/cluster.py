@@ -191,15 +191,18 @@ def run_cluster(cfg: RunConfig, *, force: bool = False, config_label: str = "the
     _check_generalist(meta, index, weights, cfg)
     method = _method(cfg, meta)
     _check_options(cfg, index.num_classes, config_label)
-    if not force:
-        done = _finished(run_dir, index, method)
-        if done is not None:
-            log.info("clusters already computed: %s (use --force to redo)", done.path)
-            page = _report(run_dir) if report and not (run_dir / "report" / "index.html").is_file() else None
-            return ClusterResult(done, skipped=True, report=page)
-
     accelerator = Accelerator(mixed_precision=resolve_mixed_precision(cfg.generalist.mixed_precision,
                                                                       cpu=not torch.cuda.is_available()))
+    done = None if force else _finished(run_dir, index, method)
+    if done is not None:
+        result = None
+        if accelerator.is_main_process:
+            log.info("clusters already computed: %s (use --force to redo)", done.path)
+            page = _report(run_dir) if report and not (run_dir / "report" / "index.html").is_file() else None
+            result = ClusterResult(done, skipped=True, report=page)
+        accelerator.wait_for_everyone()
+        return result
+
     rank, world = accelerator.process_index, accelerator.num_processes
     model, _ = load_model(weights, device=accelerator.device)
     batches = eval_batches(index, cfg.data, cfg.clustering.split, rank=rank, world_size=world)
