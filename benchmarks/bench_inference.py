@@ -8,7 +8,11 @@ Prints ratios measured in one run:
   (e) the engine with routing vs running every specialist on every image, small CNNs
       (target ≥ 0.8 × the ideal (1 + M) / (1 + mean active)).
 
-    .venv/bin/python benchmarks/bench_inference.py [--threads 1]
+    .venv/bin/python benchmarks/bench_inference.py [--threads 1] [--skip gradient,engine]
+
+Times are medians of --repeats runs after a warm-up (the numpy EM: of --np-repeats);
+the copy, the EM solve and the top-1 path are timed round-robin, so that their ratios
+see the same load.
 """
 
 from __future__ import annotations
@@ -24,13 +28,29 @@ from inference import EnsembleEngine, active_specialists, kl_objective, solve_kl
 
 
 def best_time(fn, repeats: int) -> float:
+    """Median of ``repeats`` timed calls after one warm-up (the machine may be shared:
+    the median is steadier than the minimum and does not flatter)."""
     fn()  # warm-up
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return min(times)
+    return float(np.median(times))
+
+
+def interleaved_times(fns, repeats: int) -> list[float]:
+    """Median time of each function, timed round-robin (one call of each per round)
+    so that all of them see the same load on a shared machine."""
+    for fn in fns:
+        fn()  # warm-up
+    times = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, ts in zip(fns, times, strict=True):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+    return [float(np.median(ts)) for ts in times]
 
 
 def jft_instance(batch, num_classes, num_spec, set_size, seed):
@@ -108,9 +128,11 @@ def bench_solver(args) -> None:
     history = []
     q = solve_kl(pg, ps, sets, active, history=history)
     print(f"EM iterations (tol 1e-7): {len(history) - 1}")
-    t_copy = best_time(lambda: pg.clone(), args.repeats)
-    t_em = best_time(lambda: solve_kl(pg, ps, sets, active), args.repeats)
-    t_top1 = best_time(lambda: solve_kl_topk(pg, ps, sets, active, k=1), args.repeats)
+    t_copy, t_em, t_top1 = interleaved_times([
+        lambda: pg.clone(),
+        lambda: solve_kl(pg, ps, sets, active),
+        lambda: solve_kl_topk(pg, ps, sets, active, k=1),
+    ], args.repeats)
     print(f"(a) copy of pᵍ {t_copy * 1e3:.1f} ms; EM solve {t_em * 1e3:.1f} ms = "
           f"{t_em / t_copy:.2f}x copy (target <= 3); {args.batch / t_em:,.0f} images/s")
     print(f"(c) top-1 without dense q {t_top1 * 1e3:.1f} ms = {t_top1 / t_copy:.2f}x copy, "
@@ -118,14 +140,18 @@ def bench_solver(args) -> None:
     top_v, top_i = solve_kl_topk(pg, ps, sets, active, k=1)
     assert torch.equal(top_i[:, 0], q.argmax(1)), "top-1 path disagrees with dense q"
     args_np = (pg.numpy(), [p.numpy() for p in ps], [s.numpy() for s in sets], active.numpy())
-    t0 = time.perf_counter()
-    q_np = numpy_dense_em(*args_np, tol=1e-7, max_iter=1000)
-    t_np = time.perf_counter() - t0
+    times = []
+    for _ in range(args.np_repeats):
+        t0 = time.perf_counter()
+        q_np = numpy_dense_em(*args_np, tol=1e-7, max_iter=1000)
+        times.append(time.perf_counter() - t0)
+    t_np = float(np.median(times))
     f_em = kl_objective(q, pg, ps, sets, active)
     f_np = kl_objective(torch.from_numpy(q_np), pg.double(), ps, sets, active)
     print(f"(b) dense numpy EM {t_np * 1e3:.0f} ms = {t_np / t_em:.0f}x the EM solve (target >= 50); "
           f"max objective difference {float((f_np - f_em).abs().max()):.1e}")
-    bench_gradient(args, pg, ps, sets, active)
+    if "gradient" not in args.skip:
+        bench_gradient(args, pg, ps, sets, active)
 
 
 def bench_gradient(args, pg, ps, sets, active) -> None:
@@ -200,7 +226,8 @@ def main() -> None:
     ap.add_argument("--engine-classes", type=int, default=1000)
     ap.add_argument("--engine-specialists", type=int, default=61)
     ap.add_argument("--engine-set-size", type=int, default=20)
-    ap.add_argument("--skip", default="", help="comma list of parts to skip: solver,engine")
+    ap.add_argument("--np-repeats", type=int, default=1, help="runs of the dense numpy EM (median)")
+    ap.add_argument("--skip", default="", help="comma list of parts to skip: solver,gradient,engine")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), CPU")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -41,8 +42,46 @@ class SetTable:
         return len(self.size_list)
 
 
+_CACHE_SIZE = 8
+_cache: OrderedDict[tuple, tuple[ClassSets, tuple, tuple, SetTable]] = OrderedDict()
+
+
+def _versions(class_sets: ClassSets) -> tuple | None:
+    """The version of every set if all are tensors (torch bumps a tensor's version on
+    every in-place change), else None: lists are not cached (no cheap change check)."""
+    if not isinstance(class_sets, list | tuple) or not all(isinstance(s, Tensor) for s in class_sets):
+        return None
+    return tuple(s._version for s in class_sets)
+
+
 def check_class_sets(class_sets: ClassSets, num_classes: int, device: torch.device) -> SetTable:
-    """Validate ``class_sets`` (a list of M index tensors or lists) and build a SetTable."""
+    """Validate ``class_sets`` (a list of M index tensors or lists) and build a SetTable.
+
+    The table of a list of tensors is memoised (the last few, by identity of the list
+    and of its tensors, and their version counters: a set changed in place, or a list
+    changed, is validated and built again), so repeated solves with the same sets do
+    not rebuild it. The result is the same either way.
+    """
+    versions = _versions(class_sets)
+    key = (id(class_sets), num_classes, str(device))
+    if versions is not None:
+        hit = _cache.get(key)
+        if (
+            hit is not None and hit[0] is class_sets and hit[2] == versions
+            and len(hit[1]) == len(class_sets)
+            and all(a is b for a, b in zip(hit[1], class_sets, strict=True))
+        ):
+            _cache.move_to_end(key)
+            return hit[3]
+    table = _check_class_sets(class_sets, num_classes, device)
+    if versions is not None:  # holds the list and its tensors: their ids stay unique
+        _cache[key] = (class_sets, tuple(class_sets), versions, table)
+        if len(_cache) > _CACHE_SIZE:
+            _cache.popitem(last=False)
+    return table
+
+
+def _check_class_sets(class_sets: ClassSets, num_classes: int, device: torch.device) -> SetTable:
     if isinstance(class_sets, Tensor) or not isinstance(class_sets, Sequence):
         raise ValueError(
             f"class_sets must be a list of M index tensors or lists, got {type(class_sets).__name__}"
