@@ -36,14 +36,122 @@ def test_em_matches_gradient_reference(num_classes, set_size, sharp):
     torch.testing.assert_close(q_em, q_gd, atol=1e-4, rtol=0)
 
 
-def test_em_objective_is_monotone_and_matches_dense_objective():
-    pg, ps, sets, active = random_instance(12, 50, 6, 12, seed=3, sharp=3.0)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_em_objective_is_monotone_and_matches_dense_objective(dtype):
+    # float32: pᵍ rows sum to 1 only within rounding; the start must be on the simplex
+    pg, ps, sets, active = random_instance(12, 50, 6, 12, seed=3, sharp=3.0, dtype=dtype)
     history = []
     q = solve_kl(pg, ps, sets, active, tol=0.0, max_iter=60, history=history)
     f = torch.stack(history)  # (iterations, B)
     assert f.shape[0] >= 5
     assert (f[1:] - f[:-1] <= 1e-12 * f[:-1].abs().clamp_min(1)).all()
-    torch.testing.assert_close(f[-1], kl_objective(q, pg, ps, sets, active), rtol=1e-12, atol=1e-12)
+    if dtype == torch.float64:
+        torch.testing.assert_close(f[-1], kl_objective(q, pg, ps, sets, active), rtol=1e-12,
+                                   atol=1e-12)
+
+
+def dense_em(pg, ps, sets, active, iters):
+    """Independent reference: the DESIGN.md EM on dense (B, C) float64 q, plain steps."""
+    q = pg.double().clone()
+    denom = 1.0 + active.sum(1, keepdim=True).double()
+    for _ in range(iters):
+        new = pg.double().clone()
+        for m, (s, p) in enumerate(zip(sets, ps, strict=True)):
+            idx = active[:, m].nonzero().squeeze(1)
+            p = p.double()[idx] if p.shape[0] == pg.shape[0] else p.double()
+            qm = q[idx]
+            rest = qm.sum(1) - qm[:, s].sum(1)
+            t = qm * (p[:, -1] / rest)[:, None]
+            t[:, s] = p[:, :-1]
+            new[idx] += t
+        q = new / denom
+    return q
+
+
+def heavy_overlap_instance(seed=23):
+    """Many active specialists per image over few classes: many sharing patterns,
+    classes in up to all sets, a class in no set."""
+    g = torch.Generator().manual_seed(seed)
+    batch, num_classes, num_spec, set_size = 10, 24, 7, 9
+    pg = torch.softmax(2 * torch.randn(batch, num_classes, generator=g, dtype=torch.float64), 1)
+    sets = [torch.randperm(num_classes - 1, generator=g)[:set_size].sort().values
+            for _ in range(num_spec)]
+    sets[0] = torch.cat([sets[0][sets[0] != 5], torch.tensor([5])]).sort().values
+    for s_i in sets[1:]:  # class 5 in every set
+        if 5 not in s_i:
+            s_i[0] = 5
+    sets = [s_i.unique() for s_i in sets]
+    active = torch.rand(batch, num_spec, generator=g) < 0.7
+    active[0] = False
+    active[1] = True
+    ps = [torch.softmax(2 * torch.randn(batch, s_i.numel() + 1, generator=g, dtype=torch.float64), 1)
+          for s_i in sets]
+    return pg, ps, sets, active
+
+
+def test_node_em_matches_dense_em_with_heavy_overlaps():
+    pg, ps, sets, active = heavy_overlap_instance()
+    q = solve_kl(pg, ps, sets, active, tol=0.0, max_iter=3000)
+    q_ref = dense_em(pg, ps, sets, active, 1500)
+    torch.testing.assert_close(q, q_ref, rtol=0, atol=1e-9)
+    q_gd = solve_kl(pg, ps, sets, active, method="gradient", tol=1e-12, max_iter=150)
+    f, f_gd = kl_objective(q, pg, ps, sets, active), kl_objective(q_gd, pg, ps, sets, active)
+    assert ((f_gd - f) / f.clamp_min(1e-12) >= -1e-9).all()  # EM is never worse
+
+
+def test_first_plain_em_steps_match_dense_em():
+    # the node EM started where the dense EM is (q ∝ w on each pattern) takes the same steps
+    pg, ps, sets, active = heavy_overlap_instance(seed=5)
+    from inference._sets import check_class_sets
+    from inference.solver import densify, solve_em
+
+    table = check_class_sets(sets, pg.shape[1], pg.device)
+    q0 = solve_em(pg, table, active, ps_rows(ps, active), pg.sum(1), tol=0.0, max_iter=0)
+    for steps in (1, 2, 5):
+        sol = solve_em(pg, table, active, ps_rows(ps, active), pg.sum(1), tol=0.0,
+                       max_iter=steps, accelerate=False)
+        q_ref = dense_em_from(densify(q0, pg), pg, ps, sets, active, steps)
+        torch.testing.assert_close(densify(sol, pg), q_ref, rtol=0, atol=1e-13)
+
+
+def ps_rows(ps, active):
+    return [p[active[:, m]] for m, p in enumerate(ps)]
+
+
+def dense_em_from(q, pg, ps, sets, active, iters):
+    denom = 1.0 + active.sum(1, keepdim=True).double()
+    for _ in range(iters):
+        new = pg.clone()
+        for m, (s, p) in enumerate(zip(sets, ps, strict=True)):
+            idx = active[:, m].nonzero().squeeze(1)
+            qm, p = q[idx], p[idx]
+            t = qm * (p[:, -1] / (qm.sum(1) - qm[:, s].sum(1)))[:, None]
+            t[:, s] = p[:, :-1]
+            new[idx] += t
+        q = new / denom
+    return q
+
+
+@pytest.mark.parametrize("seed", [3, 23])
+def test_accelerated_and_plain_em_reach_the_same_objective_monotonically(seed):
+    from inference._sets import check_class_sets
+    from inference.solver import densify, solve_em
+
+    pg, ps, sets, active = (heavy_overlap_instance(seed) if seed == 23 else
+                            random_instance(40, 300, 9, 40, seed=seed, sharp=3.0, p_active=0.5))
+    table = check_class_sets(sets, pg.shape[1], pg.device)
+    rows = ps_rows(ps, active)
+    runs = {}
+    for accelerate in (True, False):
+        history = []
+        sol = solve_em(pg, table, active, rows, pg.sum(1), tol=1e-12, max_iter=5000,
+                       history=history, accelerate=accelerate)
+        f = torch.stack(history)
+        assert (f[1:] - f[:-1] <= 1e-12 * f[:-1].abs().clamp_min(1)).all()
+        runs[accelerate] = (len(history), kl_objective(densify(sol, pg), pg, ps, sets, active))
+    (n_fast, f_fast), (n_plain, f_plain) = runs[True], runs[False]
+    torch.testing.assert_close(f_fast, f_plain, rtol=1e-9, atol=1e-12)
+    assert 3 * (n_fast - 1) < n_plain - 1  # fewer EM steps (3 per accepted cycle)
 
 
 def test_full_distributions_give_the_arithmetic_mean():
@@ -172,6 +280,48 @@ def test_topk_when_generalist_top_classes_all_lie_in_u():
     vals, idx = solve_kl_topk(pg, [pm], sets, active, k=30)
     torch.testing.assert_close(vals, q.topk(30, dim=1).values, rtol=0, atol=1e-14)
     assert torch.equal(torch.sort(idx[:, 25:]).values, torch.sort(q.topk(30, 1).indices[:, 25:]).values)
+
+
+def test_topk_outside_u_winners_buffer_chunks_and_small_u():
+    # C = 50,000: the masked pᵍ buffer holds 10 rows, so the 13-18 rows looked at take two
+    # chunks; some rows have a class outside U that beats every U class, some have k > |U|,
+    # some no active specialist
+    batch, num_classes = 64, 50_000
+    pg, ps, sets, active = random_instance(batch, num_classes, 6, 8, seed=31, sharp=1.0,
+                                           p_active=0.5)
+    outside = torch.ones(num_classes, dtype=torch.bool)
+    outside[torch.cat(sets)] = False
+    big = outside.nonzero()[:3, 0]
+    logits = pg.log()
+    logits[::3, big[0]] += 12.0  # dominant class outside every set
+    logits[1::5, big[1:]] += 6.0
+    pg = torch.softmax(logits, 1)
+    active[5:9] = False
+    q = solve_kl(pg, ps, sets, active)
+    for k in (1, 4, 12):
+        vals, idx = solve_kl_topk(pg, ps, sets, active, k=k)
+        ref = q.topk(k, dim=1).values
+        torch.testing.assert_close(vals, ref, rtol=0, atol=1e-14)
+        torch.testing.assert_close(q.gather(1, idx), ref, rtol=0, atol=1e-14)
+
+
+def test_set_table_memo_sees_changes_to_the_sets():
+    pg, ps, sets, active = random_instance(8, 40, 3, 6, seed=19)
+    sets = [s.clone() for s in sets]
+    q1 = solve_kl(pg, ps, sets, active)
+    assert torch.equal(solve_kl(pg, ps, sets, active), q1)  # memoised table, same result
+    free = [c for c in range(40) if c not in sets[1].tolist()][0]
+    sets[1][0] = free  # in place: the tensor's version changes
+    sets[1] = sets[1].sort().values
+    fresh = [s.clone() for s in sets]
+    torch.testing.assert_close(solve_kl(pg, ps, sets, active), solve_kl(pg, ps, fresh, active),
+                               rtol=0, atol=0)
+    sets[2] = torch.arange(6)  # element replaced
+    torch.testing.assert_close(solve_kl(pg, ps, sets, active),
+                               solve_kl(pg, ps, [s.clone() for s in sets], active), rtol=0, atol=0)
+    sets[0].copy_(torch.arange(10, 16))  # in place without replacing
+    torch.testing.assert_close(solve_kl(pg, ps, sets, active),
+                               solve_kl(pg, ps, [s.clone() for s in sets], active), rtol=0, atol=0)
 
 
 def test_overlapping_sets_shared_classes():
