@@ -94,6 +94,20 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_specialists(args: argparse.Namespace) -> int:
+    from .specialist_training import train_specialists
+
+    only = None
+    if args.only:
+        try:
+            only = [int(v) for v in args.only.split(",") if v.strip()]
+        except ValueError:
+            raise UserError(f"--only {args.only!r}: expected comma-separated specialist ids, e.g. 0,3") from None
+    for path in train_specialists(_load(args), only=only, force=args.force):
+        print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="specialists",
@@ -156,6 +170,16 @@ def build_parser() -> argparse.ArgumentParser:
                                    "shards named in the run's config.")
     p.add_argument("--run", required=True, metavar="DIR", help="run directory (the config's run_dir)")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("train-specialists", help="train the specialists of clusters.json (works under accelerate launch)",
+                       description="Train one specialist per class set in <run_dir>/clusters.json, initialised from "
+                                   "the generalist, with a dustbin class, enriched batches and a dustbin bias. Under "
+                                   "`accelerate launch --num_processes P`, process r trains the specialists m with "
+                                   "m mod P = r. Finished specialists are skipped; an interrupted one resumes.")
+    add_config_args(p)
+    p.add_argument("--only", help="comma-separated specialist ids to train, e.g. 0,3")
+    p.add_argument("--force", action="store_true", help="retrain even finished specialists")
+    p.set_defaults(func=cmd_train_specialists)
 
     p = sub.add_parser("summary", help="print what a prepared shard directory holds")
     p.add_argument("shards", help="prepared shard directory")

@@ -341,3 +341,12 @@ def _pad(images: torch.Tensor, labels: torch.Tensor, bs: int) -> tuple[torch.Ten
         labels = torch.cat([labels, labels.new_zeros(bs - n)])
         valid[n:] = False
     return images, labels, valid
+
+
+def load_split(index: ShardIndex, cfg: DataConfig, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A whole (small) split in memory: uint8 images (N, C, S, S) and labels (N,), in shard order."""
+    images, labels = [], []
+    for x, y, valid in eval_batches(index, cfg, split):
+        images.append(x[valid])
+        labels.append(y[valid])
+    return torch.cat(images), torch.cat(labels)

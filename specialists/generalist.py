@@ -7,6 +7,7 @@ final weights), ``metrics.jsonl`` (one line per epoch), ``checkpoints/``.
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -149,12 +150,15 @@ def train_generalist(cfg: RunConfig, *, resume: bool = False, force: bool = Fals
     state = TrainState()
     accelerator.register_for_checkpointing(scheduler, state)
     ckpt = CheckpointManager(accelerator, out / "checkpoints", keep=gcfg.keep_checkpoints, fingerprint=fingerprint(cfg))
-    if ckpt.latest() is not None:
-        if not (resume or force):
-            raise UserError(f"{out}/checkpoints: an unfinished run is here; pass --resume to continue it or --force to start over")
-        if resume and not force:
-            ckpt.load()
-            log.info("resumed at step %d (epoch %d, batch %d)", state.step, state.epoch + 1, state.batch_in_epoch)
+    if force:
+        if accelerator.is_main_process:
+            shutil.rmtree(ckpt.root, ignore_errors=True)
+        accelerator.wait_for_everyone()
+    elif ckpt.latest() is not None:
+        if not resume:
+            raise UserError(f"{ckpt.root}: an unfinished run is here; pass --resume to continue it or --force to start over")
+        ckpt.load()
+        log.info("resumed at step %d (epoch %d, batch %d)", state.step, state.epoch + 1, state.batch_in_epoch)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "config.yaml", config_to_yaml(cfg))

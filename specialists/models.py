@@ -40,16 +40,17 @@ def _conv_bn(cin: int, cout: int) -> list[nn.Module]:
 
 
 class CompactCNN(nn.Module):
-    """A small VGG-style CNN: 2×(conv-conv-pool), conv, global average pool, linear.
+    """A small VGG-style CNN: conv-pool, conv-conv-pool, conv, global average pool, linear.
 
-    Reaches > 92% on Fashion-MNIST in a few minutes on a laptop CPU.
+    One convolution at full resolution only: on a CPU that layer dominates the cost
+    (a second one made training 3× slower). Use channels_last on CPU too (≈1.4× faster).
     """
 
     def __init__(self, num_classes: int, in_channels: int = 1, width: int = 32, dropout: float = 0.0) -> None:
         super().__init__()
         w = width
         self.features = nn.Sequential(
-            *_conv_bn(in_channels, w), *_conv_bn(w, w), nn.MaxPool2d(2),
+            *_conv_bn(in_channels, w), nn.MaxPool2d(2),
             *_conv_bn(w, 2 * w), *_conv_bn(2 * w, 2 * w), nn.MaxPool2d(2),
             *_conv_bn(2 * w, 4 * w),
             nn.AdaptiveAvgPool2d(1), nn.Flatten(),

@@ -30,3 +30,32 @@ def cli(capsys):
         return code, out, err
 
     return run
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_overrides(shards: Path, run_dir: Path, *extra: str) -> list[str]:
+    return [f"data.shards={shards}", f"run_dir={run_dir}", *extra]
+
+
+@pytest.fixture(scope="session")
+def tiny_generalist(tiny_shards, tmp_path_factory) -> Path:
+    """A run directory holding a tiny trained generalist (12 synthetic classes); returns run_dir."""
+    from specialists.config import load_config
+    from specialists.generalist import train_generalist
+
+    run_dir = tmp_path_factory.mktemp("run") / "tiny"
+    cfg = load_config(ROOT / "configs/tiny.yaml", tiny_overrides(tiny_shards, run_dir))
+    train_generalist(cfg)
+    return run_dir
+
+
+def write_clusters(run_dir: Path, class_names: list[str], sets: list[list[int]]) -> Path:
+    import json
+
+    path = run_dir / "clusters.json"
+    path.write_text(json.dumps({"num_classes": len(class_names), "class_names": class_names,
+                                "specialists": [{"id": m, "classes": s} for m, s in enumerate(sets)],
+                                "method": {"hand-made": True}}))
+    return path

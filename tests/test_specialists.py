@@ -1,0 +1,313 @@
+import json
+import math
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import ROOT, tiny_overrides, write_clusters
+
+from specialists import dustbin_bias
+from specialists.checkpoints import load_model, read_sidecar
+from specialists.config import DataConfig, load_config
+from specialists.data import ShardIndex, load_split, normalize
+from specialists.enriched import EnrichedStream
+from specialists.models import create_model
+from specialists.specialist_training import fit_bias_and_temperature, specialist_loss
+from specialists.surgery import (
+    CollapsedHead,
+    collapse_logits,
+    collapse_probs,
+    make_specialist,
+    map_labels,
+    penultimate_features,
+)
+
+GROUPS = [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11], [1, 5, 9]]
+
+
+# --- the dustbin bias (DESIGN.md step 4) -------------------------------------------------
+
+
+@pytest.mark.parametrize("pi, f, expected", [
+    (0.2, 0.5, math.log(4.0)),                       # f = ½: log((1 − π)/π)
+    (0.5, 0.5, 0.0),                                 # no enrichment, no correction
+    (0.1, 0.5, math.log(9.0)),
+    (0.5, 0.25, math.log(1 / 3)),                    # under-sampled specialist classes: negative
+    (0.02, 0.8, math.log(4.0) + math.log(49.0)),
+])
+def test_dustbin_bias_hand_computed(pi, f, expected):
+    assert dustbin_bias(pi, f) == pytest.approx(expected, rel=1e-12)
+
+
+def test_dustbin_bias_is_the_exact_prior_shift():
+    """Reweighting the training mix back to the data prior gives exactly the bias's odds ratio."""
+    pi, f = 0.15, 0.5
+    train_odds_dustbin = (1 - f) / f
+    data_odds_dustbin = (1 - pi) / pi
+    assert math.exp(dustbin_bias(pi, f)) == pytest.approx(data_odds_dustbin / train_odds_dustbin)
+
+
+@pytest.mark.parametrize("bad", [0.0, 1.0, -0.1, 1.5, float("nan")])
+def test_dustbin_bias_rejects_fractions_outside_0_1(bad):
+    with pytest.raises(ValueError, match="expected a fraction strictly between 0 and 1"):
+        dustbin_bias(bad)
+    with pytest.raises(ValueError, match="special_fraction_in_training"):
+        dustbin_bias(0.3, bad)
+
+
+# --- labels and surgery ---------------------------------------------------------------------
+
+
+def test_map_labels_and_collapse():
+    labels = torch.tensor([3, 7, 0, 9, 7])
+    assert map_labels(labels, [3, 7], 10).tolist() == [0, 1, 2, 2, 1]
+    probs = torch.tensor([[0.1, 0.2, 0.3, 0.4]])
+    assert torch.allclose(collapse_probs(probs, [1, 3]), torch.tensor([[0.2, 0.4, 0.4]]))
+
+
+def _generalist_and_images():
+    torch.manual_seed(0)
+    model = create_model("compact_cnn", num_classes=12, in_channels=1, image_size=16, width=8).eval()
+    with torch.no_grad():
+        model.fc.weight.mul_(20)  # confident, varied predictions like a trained net
+    return model, torch.randn(256, 1, 16, 16)
+
+
+def test_surgery_keeps_the_generalist_within_the_set():
+    generalist, images = _generalist_and_images()
+    classes = [2, 5, 7]
+    with torch.no_grad():
+        feats, logits = penultimate_features(generalist, images)
+        spec = make_specialist(generalist, classes, features=feats, logits=logits).eval()
+        p_g = F.softmax(generalist(images), dim=1)
+        p_s = F.softmax(spec(images), dim=1)
+    assert p_s.shape == (256, 4)
+    within_g = p_g[:, classes] / p_g[:, classes].sum(1, keepdim=True)
+    within_s = p_s[:, :3] / p_s[:, :3].sum(1, keepdim=True)
+    assert torch.allclose(within_s, within_g, atol=1e-5)
+    # the dustbin starts near the generalist's mass outside the set (fitted row beats Jensen's bound)
+    outside = 1 - p_g[:, classes].sum(1)
+    fitted_err = (p_s[:, -1] - outside).abs().mean().item()
+    with torch.no_grad():
+        plain = F.softmax(make_specialist(generalist, classes)(images), dim=1)
+    plain_err = (plain[:, -1] - outside).abs().mean().item()
+    assert fitted_err < 0.05 and fitted_err < plain_err
+    # the generalist itself is untouched
+    assert generalist.fc.out_features == 12
+
+
+def test_full_head_collapses_to_set_plus_dustbin():
+    generalist, images = _generalist_and_images()
+    classes = [0, 4]
+    full = make_specialist(generalist, classes, head="full")
+    collapsed = CollapsedHead(full, classes).eval()
+    with torch.no_grad():
+        p = F.softmax(collapsed(images), dim=1)
+        ref = collapse_probs(F.softmax(generalist(images), dim=1), classes)
+    assert torch.allclose(p, ref, atol=1e-5)
+
+
+def test_soft_target_loss_is_zero_gradient_at_the_teacher():
+    """Section 6.1: with the generalist's own collapsed logits the soft term's gradient vanishes."""
+    cfg = load_config(None, ["specialists.soft_target_weight=1.0", "specialists.temperature=3.0"])
+    general = torch.randn(8, 6)
+    classes = [1, 4]
+    z = torch.cat([general[:, classes], general[:, [0, 2, 3, 5]].logsumexp(1, keepdim=True)], 1).requires_grad_()
+    assert torch.allclose(z, collapse_logits(general, classes))
+    loss = specialist_loss(z, general, torch.zeros(8, dtype=torch.long), classes, 6, cfg)
+    loss.backward()
+    assert z.grad.abs().max() < 1e-6
+
+
+def test_fit_bias_and_temperature_recovers_a_planted_shift():
+    torch.manual_seed(0)
+    true_logits = torch.randn(4000, 4) * 2
+    targets = torch.distributions.Categorical(logits=true_logits).sample()
+    shifted = true_logits * 2.0  # an over-confident model whose dustbin is 1.5 nats too low (after T)
+    shifted[:, -1] -= 3.0
+    b, t = fit_bias_and_temperature(shifted, targets)
+    assert t == pytest.approx(2.0, rel=0.1)
+    assert b == pytest.approx(1.5, abs=0.15)
+
+
+# --- the enriched stream ----------------------------------------------------------------
+
+
+def test_enriched_stream_fraction_labels_and_reads(tiny_shards):
+    index = ShardIndex.load(tiny_shards)
+    cfg = DataConfig(image_size=16, channels=1, mean=(0.5,), std=(0.25,), augment="none", shuffle_buffer=64)
+    classes = [4, 5, 6, 7]
+    stream = EnrichedStream(index, cfg, classes, special_fraction=0.5, batch_size=50, seed=0)
+    it = iter(stream)
+    labels, flags = [], []
+    for _ in range(200):  # 10,000 samples
+        images, y, special = next(it)
+        labels.append(y)
+        flags.append(special)
+    labels, flags = torch.cat(labels), torch.cat(flags)
+    in_set = torch.isin(labels, torch.tensor(classes))
+    assert len(labels) == 10_000
+    assert abs(in_set.float().mean().item() - 0.5) <= 0.02
+    assert torch.equal(in_set, flags)
+    counts = Counter(labels[in_set].tolist())
+    assert all(abs(counts[c] / 5000 - 0.25) < 0.03 for c in classes)  # natural proportions within Sᵐ
+    rest = Counter(labels[~in_set].tolist())
+    assert set(rest) == set(range(12)) - set(classes)
+    assert all(abs(rest[c] / 5000 - 1 / 8) < 0.03 for c in rest)
+    # the special part reads only the by-class shards of its classes
+    special_shards = {u for urls in stream.class_urls.values() for u in urls}
+    assert special_shards == {u for u, _ in index.byclass_shards(classes)}
+    assert len(special_shards) < len(index.meta["byclass"]["shards"])
+    # reads vs use, from the index. A class stream reads whole by-class shards, so it also reads
+    # its neighbours in shared shards; the rest discards Sᵐ samples (π = 1/3): 5000 / (2/3) reads.
+    byclass = index.meta["byclass"]
+    shard_sizes = [s["count"] for s in byclass["shards"]]
+    train_counts = index.class_counts("train")
+    expected_special = sum(counts[c] * sum(shard_sizes[s] for s, _ in byclass["classes"][c]) / train_counts[c]
+                           for c in classes)
+    assert stream.stats.used == 10_000
+    assert expected_special * 0.95 < stream.stats.read_special < expected_special + 4 * (64 + 2 * 50)
+    assert 7500 * 0.95 < stream.stats.read_rest < 7500 + 64 + 2 * 50
+    # filtering the train split for Sᵐ instead would read 5000 / π = 15,000 samples for the special part
+    assert stream.stats.read_special < 0.75 * 15_000
+
+
+def test_enriched_stream_rejects_bad_sets(tiny_shards):
+    index = ShardIndex.load(tiny_shards)
+    cfg = DataConfig(image_size=16, channels=1, mean=(0.5,), std=(0.25,))
+    from specialists.errors import DataError
+
+    with pytest.raises(DataError, match="outside 0..11"):
+        EnrichedStream(index, cfg, [3, 12], special_fraction=0.5, batch_size=8, seed=0)
+    with pytest.raises(DataError, match="nothing is left for the dustbin"):
+        EnrichedStream(index, cfg, list(range(12)), special_fraction=0.5, batch_size=8, seed=0)
+    with pytest.raises(ValueError, match="special_fraction=1.0"):
+        EnrichedStream(index, cfg, [1, 2], special_fraction=1.0, batch_size=8, seed=0)
+
+
+# --- the stage ------------------------------------------------------------------------------
+
+
+def _run_dir_with_generalist(tiny_generalist: Path, tmp_path: Path) -> Path:
+    run = tmp_path / "run"
+    shutil.copytree(tiny_generalist / "generalist", run / "generalist")
+    return run
+
+
+def test_train_specialists_stage(tiny_shards, tiny_generalist, tmp_path, cli):
+    run = _run_dir_with_generalist(tiny_generalist, tmp_path)
+    names = ShardIndex.load(tiny_shards).class_names
+    write_clusters(run, names, GROUPS[:2])
+    args = ["--config", ROOT / "configs/tiny.yaml", *sum((["--set", o] for o in tiny_overrides(tiny_shards, run)), [])]
+    code, out, err = cli("train-specialists", *args)
+    assert code == 0, err
+    gen_meta = read_sidecar(run / "generalist/model.safetensors")
+    for m, classes in enumerate(GROUPS[:2]):
+        model, meta = load_model(run / f"specialists/{m:03d}/model.safetensors")
+        assert meta["classes"] == classes and meta["num_outputs"] == len(classes) + 1
+        assert meta["source_generalist"] == gen_meta["sha256"]
+        assert meta["special_fraction_in_data"] == pytest.approx(1 / 3)
+        assert meta["dustbin_bias"] == pytest.approx(dustbin_bias(1 / 3, 0.5))
+        assert 0 <= meta["val_conditional_accuracy"] <= 1
+        assert not (run / f"specialists/{m:03d}/checkpoint.pt").exists()
+    # re-running skips finished specialists
+    stamp = (run / "specialists/000/model.safetensors").stat().st_mtime_ns
+    code, _, _ = cli("train-specialists", *args, "--only", "0")
+    assert code == 0 and (run / "specialists/000/model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_specialist_is_better_than_chance_within_its_set(tiny_shards, tiny_generalist, tmp_path):
+    """The conditional val accuracy stored in the sidecar equals one recomputed from the saved weights."""
+    run = _run_dir_with_generalist(tiny_generalist, tmp_path)
+    index = ShardIndex.load(tiny_shards)
+    write_clusters(run, index.class_names, [GROUPS[0]])
+    from specialists.specialist_training import train_specialists
+
+    cfg = load_config(ROOT / "configs/tiny.yaml", tiny_overrides(tiny_shards, run, "specialists.bias=fit"))
+    train_specialists(cfg)
+    model, meta = load_model(run / "specialists/000/model.safetensors")
+    images, labels = load_split(index, cfg.data, "val")
+    mask = torch.isin(labels, torch.tensor(GROUPS[0]))
+    with torch.no_grad():
+        pred = model(normalize(images[mask], cfg.data))[:, :4].argmax(1)
+    acc = (pred == labels[mask]).float().mean().item()
+    assert acc == pytest.approx(meta["val_conditional_accuracy"], abs=1e-6)
+    assert acc > 0.25
+    assert meta["bias_method"] == "fit" and meta["dustbin_bias"] == meta["fitted_bias"]
+
+
+@pytest.mark.parametrize("problem, message", [
+    ("names", "class_names differ from the shards' classes.json"),
+    ("outside", "class 12 outside 0..11"),
+])
+def test_bad_clusters_json(tiny_shards, tiny_generalist, tmp_path, cli, problem, message):
+    run = _run_dir_with_generalist(tiny_generalist, tmp_path)
+    names = ShardIndex.load(tiny_shards).class_names
+    if problem == "names":
+        write_clusters(run, [n + "x" for n in names], GROUPS[:1])
+    else:
+        write_clusters(run, names, [[0, 12]])
+    args = ["--config", ROOT / "configs/tiny.yaml", *sum((["--set", o] for o in tiny_overrides(tiny_shards, run)), [])]
+    code, _, err = cli("train-specialists", *args)
+    assert code == 2 and message in err and err.count("\n") == 1
+    assert not (run / "specialists").exists() or not list((run / "specialists").rglob("model.safetensors"))
+
+
+def test_bad_special_fraction(tiny_shards, tmp_path, cli):
+    code, _, err = cli("train-specialists", "--config", ROOT / "configs/tiny.yaml", "--set", "specialists.special_fraction=1.2")
+    assert code == 2 and "specialists.special_fraction: expected a value in (0, 1), got 1.2" in err
+
+
+def _cmd(*args):
+    return [sys.executable, "-m", "specialists.cli", *map(str, args)]
+
+
+def test_kill_and_resume_a_specialist(tiny_shards, tiny_generalist, tmp_path):
+    run = _run_dir_with_generalist(tiny_generalist, tmp_path)
+    write_clusters(run, ShardIndex.load(tiny_shards).class_names, [GROUPS[0]])
+    sets = tiny_overrides(tiny_shards, run, "specialists.steps=400", "specialists.checkpoint_every=20",
+                          "specialists.eval_every=100")
+    args = ["train-specialists", "--config", ROOT / "configs/tiny.yaml", *sum((["--set", o] for o in sets), [])]
+    proc = subprocess.Popen(_cmd(*args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = run / "specialists/000/checkpoint.pt"
+    deadline = time.time() + 120
+    while time.time() < deadline and not ckpt.exists():
+        time.sleep(0.02)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run / "specialists/000/model.safetensors").exists(), "finished before it could be killed"
+    saved_step = torch.load(ckpt, weights_only=True)["step"]
+    assert 20 <= saved_step < 400
+    result = subprocess.run(_cmd(*args), capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"resumed at step {saved_step}" in result.stderr
+    meta = read_sidecar(run / "specialists/000/model.safetensors")
+    assert meta["steps"] == 400 and not ckpt.exists()
+
+
+def test_distributed_specialists_two_processes(tiny_shards, tiny_generalist, tmp_path):
+    """2 CPU processes: 4 specialists, two per process (m mod 2 = rank), all saved."""
+    run = _run_dir_with_generalist(tiny_generalist, tmp_path)
+    write_clusters(run, ShardIndex.load(tiny_shards).class_names, GROUPS)
+    sets = tiny_overrides(tiny_shards, run, "specialists.steps=10", "specialists.eval_every=5")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29541",
+           str(ROOT / "tests/_distributed_cli.py"), "train-specialists", "--config", str(ROOT / "configs/tiny.yaml"),
+           *sum((["--set", o] for o in sets), [])]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**__import__("os").environ,
+                                                                                   "ACCELERATE_USE_CPU": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    for m in range(4):
+        meta = read_sidecar(run / f"specialists/{m:03d}/model.safetensors")
+        assert meta["world_size"] == 2
+        assert meta["trained_by_rank"] == m % 2
+        assert meta["classes"] == GROUPS[m]
+    assert json.loads((run / "clusters.json").read_text())["specialists"][3]["classes"] == [1, 5, 9]
