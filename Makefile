@@ -11,7 +11,7 @@ setup:
 	@bash scripts/setup.sh
 
 demo: setup
-	$(BIN)/specialists prepare --config $(CONFIG) --set data.source=fashion-mnist:$(FASHION_MNIST_DIR)
+	$(BIN)/specialists run --config $(CONFIG) --set data.source=fashion-mnist:$(FASHION_MNIST_DIR)
 
 test: setup
 	$(BIN)/python -m pytest

@@ -50,7 +50,8 @@ def fingerprint(cfg: RunConfig) -> str:
     import json
 
     keys = {"seed": cfg.seed, "data": cfg.to_dict()["data"], "generalist": cfg.to_dict()["generalist"]}
-    keys["data"].pop("num_workers")
+    for plumbing in ("num_workers", "eval_batch_size", "source"):  # where data comes from, not what is learnt
+        keys["data"].pop(plumbing)
     return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
 
 
