@@ -108,6 +108,49 @@ def cmd_train_specialists(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .evaluate import format_tables, metrics_path, run_evaluate
+
+    cfg = _load(args)
+    metrics = run_evaluate(cfg, split=args.split)
+    if metrics is not None:  # the main process
+        print(format_tables(metrics))
+        print(f"\nmetrics written to {metrics_path(cfg.run_dir)}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .predict import run_predict
+
+    result = run_predict(_load(args), args.input, args.output)
+    if result is not None:  # the main process
+        print(f"{result.num_predicted} predictions written to {result.output} ({result.world_size} process(es)); "
+              f"{len(result.skipped)} unreadable image(s) skipped")
+    return 0
+
+
+def cmd_train_control(args: argparse.Namespace) -> int:
+    from .control import train_control
+
+    print(train_control(_load(args), force=args.force))
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .run import run_pipeline, run_seeds
+
+    cfg = _load(args)
+    if args.seeds:
+        try:
+            seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+        except ValueError:
+            raise UserError(f"--seeds {args.seeds!r}: expected comma-separated integers, e.g. 0,1,2") from None
+        run_seeds(cfg, seeds, config_label=args.config)
+    else:
+        run_pipeline(cfg, config_label=args.config)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="specialists",
@@ -180,6 +223,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", help="comma-separated specialist ids to train, e.g. 0,3")
     p.add_argument("--force", action="store_true", help="retrain even finished specialists")
     p.set_defaults(func=cmd_train_specialists)
+
+    p = sub.add_parser("evaluate", help="generalist vs ensemble on the test split (works under accelerate launch)",
+                       description="Top-1 of the generalist and of the ensemble (routing inference.top_n, solver "
+                                   "inference.solver), the conditional accuracy on classes covered by specialists "
+                                   "(paper's table 3), the change by number of covering specialists (table 4), "
+                                   "McNemar's exact test and each specialist alone. Prints tables and writes "
+                                   "<run_dir>/metrics.json.")
+    add_config_args(p)
+    p.add_argument("--split", default="test", help="split to evaluate on (default: test)")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("predict", help="the ensemble's top-1 class for every image (works under accelerate launch)",
+                       description="Batched top-1 of the ensemble over shards:DIR[:split], list:FILE (one image path "
+                                   "per line) or an image folder (.png/.jpg/.jpeg, recursive). Writes one JSON line "
+                                   "per image {input, class, name, prob, generalist_class}, or CSV (input,class,name,"
+                                   "prob) for an output ending in .csv. Unreadable images are named and skipped.")
+    add_config_args(p)
+    p.add_argument("--input", required=True, help="DIR | list:FILE | shards:DIR[:split]")
+    p.add_argument("--output", required=True, help="predictions file: .jsonl (default) or .csv")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("train-control", help="the compute-matched control: the generalist fine-tuned on all classes",
+                       description="Fine-tune a copy of the generalist on all classes for as many steps as all the "
+                                   "specialists together; evaluate combines it with the generalist like a specialist.")
+    add_config_args(p)
+    p.add_argument("--force", action="store_true", help="retrain even if finished")
+    p.set_defaults(func=cmd_train_control)
+
+    p = sub.add_parser("run", help="every stage in order, skipping finished ones (resumable)",
+                       description="prepare → train-generalist → cluster (+ report) → train-specialists → "
+                                   "[train-control] → evaluate. Re-run the same command after a crash.")
+    add_config_args(p)
+    p.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1,2: one run per seed in <run_dir>/seed-<s>, "
+                                   "then each seed's figures and their mean ± std")
+    p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("summary", help="print what a prepared shard directory holds")
     p.add_argument("shards", help="prepared shard directory")
