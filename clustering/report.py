@@ -221,7 +221,7 @@ def _write_pages(
     shown = ax.imshow(image, cmap="RdBu_r", vmin=-limit, vmax=limit, interpolation="nearest")
     fig.colorbar(shown, ax=ax, label="covariance (diagonal set to 0)")
     ax.set_title(f"covariance of {c} classes, reordered by set (block average {image.shape[0]} px)")
-    fig.savefig(root / "covariance.png")
+    fig.savefig(root / "covariance.png", bbox_inches="tight")  # no empty band above the square map
     plt.close(fig)
 
     counts = stats["coverage_counts"]
@@ -350,7 +350,8 @@ def _specialist_page(
         )
     parts.append("</p>")
     if confusion_png is not None:
-        parts.append(f'<h2>Confusion within the set (log scale, rows = true)</h2>'
+        parts.append("<h2>Confusion within the set (log scale; rows = true class, columns = predicted, "
+                     "both in the order of the table below)</h2>"
                      f'<img src="{confusion_png}" alt="confusion matrix">')
     parts.append("<h2>Classes</h2><table><tr><th>class</th><th>name</th><th>examples</th></tr>")
     for i in s:
