@@ -10,8 +10,10 @@ dustbin entry. The problem is convex in q; two solvers are provided:
 
 * ``method="em"`` (default): the EM fixed point of DESIGN.md. For every class
   outside the union U of the active sets, q_j = α·pᵍ_j with one scalar α per
-  image, so the iteration runs on the |U| entries (a few hundred) of each image
-  plus α: its cost does not grow with C. Only reading pᵍ and writing q do.
+  image, and within U, q stays ∝ w_j = pᵍ_j + Σ pᵐ_j on each group of classes held
+  by the same active sets; so the iteration runs on a few masses per image (see
+  ``_EMProblem``), accelerated by SQUAREM: its cost does not grow with C or |U|.
+  Gathering the |U| entries once, reading pᵍ and writing q do.
 * ``method="gradient"``: the paper's gradient descent on logits z, q = softmax(z),
   here L-BFGS on dense (B, C) z started at log pᵍ. The reference implementation.
 
@@ -24,8 +26,8 @@ Specialist rows (``p_specialists[m]``), two accepted layouts:
   ``images[active[:, m]]`` gives).
 
 When n_m = B the two coincide. The dustbin probability is the last column.
-The iteration itself runs in float64 whatever the input dtype; q is returned in
-p_general's dtype and on its device.
+Per-entry arrays use the inputs' precision (at least float32); the iteration and the
+objective run in float64. q is returned in p_general's dtype and on its device.
 """
 
 from __future__ import annotations
@@ -151,8 +153,10 @@ def solve_kl(
     active: (B, M) bool, e.g. from ``active_specialists``.
     method: "em" (fixed point, cost independent of C) or "gradient" (L-BFGS on logits).
     tol: stop when every image's objective changes by less than ``tol`` relative.
-    max_iter: iteration cap (default 1000 for em, 500 for gradient).
-    history: if a list is given, the (B,) float64 objective of every iterate is appended.
+    max_iter: iteration cap (default 1000 for em, 500 for gradient); for em it counts EM
+        steps (a SQUAREM cycle takes 3).
+    history: if a list is given, the (B,) float64 objective of every iterate is appended
+        (for em: of the start and of every accepted SQUAREM iterate; never increasing).
 
     Returns q (B, C) in p_general's dtype, rows summing to 1. An image with no active
     specialist gets q = pᵍ exactly.
