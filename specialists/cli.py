@@ -283,7 +283,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     if not args.verbose:
-        logging.getLogger("accelerate").setLevel(logging.WARNING)
+        for noisy in ("accelerate", "faiss.loader"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
     return run_command(args.func, args)
 
 

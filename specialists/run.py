@@ -27,7 +27,7 @@ def run_pipeline(cfg: RunConfig, *, config_label: str = "the config") -> dict[st
     """All stages for one seed; returns the evaluation metrics (main process) with stage times."""
     from .cluster import describe, run_cluster
     from .control import train_control
-    from .evaluate import run_evaluate
+    from .evaluate import format_tables, run_evaluate
     from .generalist import train_generalist
     from .prepare import prepare
     from .specialist_training import train_specialists
@@ -58,6 +58,7 @@ def run_pipeline(cfg: RunConfig, *, config_label: str = "the config") -> dict[st
         stage("control", train_control, cfg)
     metrics = stage("evaluate", run_evaluate, cfg, split="test")
     if metrics is not None and state.is_main_process:
+        print(format_tables(metrics))
         metrics["stage_seconds"] = times
         atomic_write_json(Path(cfg.run_dir) / "stage_times.json", times)
         report = Path(cfg.run_dir) / "report" / "index.html"
@@ -80,14 +81,14 @@ def _lookup(metrics: dict[str, Any], path: str) -> float | None:
 
 
 SUMMARY_KEYS = {
-    "generalist top-1": "top1.generalist",
-    "ensemble top-1": "top1.ensemble",
-    "control top-1": "top1.control",
-    "generalist conditional": "conditional.generalist",
-    "ensemble conditional": "conditional.ensemble",
-    "control conditional": "conditional.control",
-    "McNemar p, ensemble vs generalist": "mcnemar.ensemble.p",
-    "McNemar p, ensemble vs control": "mcnemar.ensemble_vs_control.p",
+    "generalist top-1": "predictors.generalist.top1",
+    "ensemble top-1": "predictors.ensemble.top1",
+    "control top-1": "predictors.control.top1",
+    "generalist conditional": "predictors.generalist.conditional.accuracy",
+    "ensemble conditional": "predictors.ensemble.conditional.accuracy",
+    "control conditional": "predictors.control.conditional.accuracy",
+    "McNemar p, ensemble vs generalist": "predictors.ensemble.vs_generalist.mcnemar.p_value",
+    "McNemar p, ensemble vs control": "predictors.ensemble.vs_control.mcnemar.p_value",
 }
 
 

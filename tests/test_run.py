@@ -1,0 +1,55 @@
+"""End to end: `specialists run` on the tiny synthetic config (what CI runs)."""
+
+import json
+
+import pytest
+from conftest import ROOT
+
+from specialists.run import format_seed_summary, seed_config, summarize_seeds
+
+
+def test_run_tiny_end_to_end(tmp_path, cli):
+    run = tmp_path / "run"
+    args = ["--config", ROOT / "configs/tiny.yaml", "--set", f"data.shards={tmp_path}/data", "--set", f"run_dir={run}",
+            "--set", "inference.control=true"]
+    code, out, err = cli("run", *args)
+    assert code == 0, err
+    for artifact in ["config.yaml", "generalist/model.safetensors", "generalist/model.json", "generalist/metrics.jsonl",
+                     "covariance.npy", "clusters.json", "report/index.html", "specialists/000/model.safetensors",
+                     "specialists/002/model.json", "control/model.safetensors", "metrics.json", "stage_times.json"]:
+        assert (run / artifact).is_file(), artifact
+    assert (tmp_path / "data/index.json").is_file()
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["split"] == "test" and metrics["num_examples"] == 120 and metrics["num_specialists"] == 3
+    gen, ens = metrics["predictors"]["generalist"], metrics["predictors"]["ensemble"]
+    assert gen["correct"] == round(gen["top1"] * 120) and 0 <= ens["top1"] <= 1
+    mc = ens["vs_generalist"]["mcnemar"]
+    assert 0 <= mc["p_value"] <= 1 and mc["c"] - mc["b"] == ens["correct"] - gen["correct"]
+    assert sum(row["num_examples"] for row in ens["vs_generalist"]["by_coverage"]) == 120
+    assert "report" in out and "index.html" in out
+    # a second run finds every stage finished and changes nothing
+    stamp = (run / "specialists/000/model.safetensors").stat().st_mtime_ns
+    code, _, err = cli("run", *args)
+    assert code == 0, err
+    assert (run / "specialists/000/model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_seed_summary_mean_and_std():
+    def metrics(g, e, p):
+        return {"predictors": {"generalist": {"top1": g}, "ensemble": {"top1": e, "vs_generalist": {"mcnemar": {"p_value": p}}}}}
+
+    rows = summarize_seeds({0: metrics(0.90, 0.91, 0.04), 1: metrics(0.92, 0.94, 0.01), 2: metrics(0.91, 0.91, 0.5)})
+    assert rows["ensemble top-1"]["mean"] == pytest.approx(0.92)
+    assert rows["ensemble top-1"]["std"] == pytest.approx(0.017320508, rel=1e-6)
+    assert rows["generalist top-1"]["per_seed"] == {0: 0.90, 1: 0.92, 2: 0.91}
+    assert "control top-1" not in rows
+    assert "0.9200 ± 0.0173" in format_seed_summary(rows)
+
+
+def test_seed_config_separates_runs():
+    from specialists.config import load_config
+
+    cfg = load_config(ROOT / "configs/tiny.yaml")
+    a, b = seed_config(cfg, 1), seed_config(cfg, 2)
+    assert (a.seed, b.seed) == (1, 2)
+    assert a.run_dir.endswith("seed-1") and a.data == cfg.data and a.hash() != b.hash()
