@@ -24,6 +24,7 @@ metrics.json (``format: specialists-metrics/1``)::
                                    mcnemar: {b, c, p_value},
                                    by_coverage: [{covering, num_examples, generalist_correct,
                                                   correct, change_correct, relative_change}]}}
+      control:    (with inference.control and a trained control) the same keys as ensemble
     specialists: [{id, classes, num_examples, specialist_correct, specialist_accuracy,
                    generalist_correct, generalist_accuracy}]
 
@@ -54,7 +55,7 @@ from inference import EnsembleEngine
 
 from .config import DataConfig, RunConfig
 from .data import eval_batches, normalize
-from .ensemble import load_ensemble
+from .ensemble import LoadedEnsemble, load_ensemble
 from .errors import UserError
 from .generalist import check_shards
 from .io import atomic_write_json
@@ -258,6 +259,27 @@ def format_tables(metrics: dict[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------------------------- the stage
+def control_engine(cfg: RunConfig, loaded: LoadedEnsemble) -> EnsembleEngine | None:
+    """The compute-matched control: the generalist with its fine-tuned copy as one "specialist" over all
+    classes (empty dustbin), combined by the same solver; None (with a warning) if it is not trained."""
+    from .checkpoints import load_model
+    from .control import WithEmptyDustbin, control_weights
+
+    path = control_weights(cfg)
+    if not path.is_file():
+        log.warning("inference.control is set but %s is missing (run `specialists train-control`); "
+                    "evaluating without the control", path)
+        return None
+    model, meta = load_model(path, device=loaded.engine.device)
+    if meta.get("source_generalist") != loaded.generalist_meta.get("sha256"):
+        raise UserError(f"{path}: the control was made from another generalist than {loaded.generalist_path}; "
+                        "retrain it with `specialists train-control --force`")
+    ref = loaded.engine
+    return EnsembleEngine(ref.generalist, [WithEmptyDustbin(model)], [torch.arange(loaded.num_classes)], [0.0],
+                          top_n=ref.top_n, method=ref.method, tol=ref.tol, max_iter=ref.max_iter, amp=ref.amp,
+                          channels_last=ref.channels_last)
+
+
 def run_evaluate(cfg: RunConfig, *, split: str = "test") -> dict[str, Any] | None:
     """Evaluate the run's ensemble on ``split``; the main process returns the metrics (others: None)."""
     index = check_shards(cfg)
@@ -268,11 +290,13 @@ def run_evaluate(cfg: RunConfig, *, split: str = "test") -> dict[str, Any] | Non
     if loaded.class_names != index.class_names:
         raise UserError(f"{loaded.generalist_path}: the generalist's {loaded.num_classes} classes differ from "
                         f"{index.root}/classes.json ({index.num_classes} classes)")
-    if cfg.inference.control:
-        log.info("inference.control: the compute-matched control is not built yet; comparing generalist and ensemble")
+    engines = {"ensemble": loaded.engine}
+    control = control_engine(cfg, loaded) if cfg.inference.control else None
+    if control is not None:
+        engines["control"] = control
     rank, world = accelerator.process_index, accelerator.num_processes
     batches = eval_batches(index, cfg.data, split, rank=rank, world_size=world, batch_size=cfg.inference.batch_size)
-    records = evaluate_engines({"ensemble": loaded.engine}, batches, data_cfg=cfg.data, accelerator=accelerator,
+    records = evaluate_engines(engines, batches, data_cfg=cfg.data, accelerator=accelerator,
                                desc=f"evaluate on {split}")
     metrics = None
     if accelerator.is_main_process:

@@ -188,6 +188,29 @@ def test_identity_specialists_give_the_generalist(tiny_shards, run_copy, cli):
     assert all(s["specialist_correct"] == s["generalist_correct"] for s in metrics["specialists"])
 
 
+def test_control_is_a_third_column(tiny_shards, run_copy, cli, caplog):
+    """inference.control: the generalist with a (here: unchanged) copy of itself, compared the same way."""
+    args = _args(tiny_shards, run_copy, "inference.control=true")
+    with caplog.at_level(logging.WARNING, logger="specialists"):
+        code, _, err = cli("evaluate", *args)
+    assert code == 0, err
+    assert any("train-control" in r.getMessage() for r in caplog.records)
+    assert list(json.loads((run_copy / "metrics.json").read_text())["predictors"]) == ["generalist", "ensemble"]
+    model, gmeta = load_model(run_copy / "generalist/model.safetensors")
+    base = {k: v for k, v in gmeta.items() if k not in ("format", "sha256", "role")}
+    save_model(run_copy / "control/model.safetensors", model,
+               {**base, "role": "control", "source_generalist": gmeta["sha256"]})
+    code, out, err = cli("evaluate", *args)
+    assert code == 0, err
+    metrics = json.loads((run_copy / "metrics.json").read_text())
+    assert list(metrics["predictors"]) == ["generalist", "ensemble", "control"]
+    g, ctl = metrics["predictors"]["generalist"], metrics["predictors"]["control"]
+    assert ctl["correct"] == g["correct"] and ctl["conditional"] == g["conditional"]  # q = average of p and p
+    assert ctl["vs_generalist"]["mcnemar"] == {"b": 0, "c": 0, "p_value": 1.0}
+    assert ctl["mean_active_specialists"] == 1.0
+    assert "table 4): control vs generalist" in out
+
+
 # --- predict ------------------------------------------------------------------------------------
 
 
