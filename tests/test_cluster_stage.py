@@ -4,6 +4,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -244,11 +245,18 @@ def test_report_on_mismatched_clusters_is_a_one_line_error(clustered, tmp_path, 
     assert f"{run}/clusters.json: class_names differ" in err and "'cat'" in err
 
 
+def free_port() -> int:
+    """A port nobody listens on: a fixed one collides when two test runs share the machine."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def test_distributed_two_processes_give_the_same_covariance(clustered, trained, tiny_shards, tmp_path):
     """2 CPU processes (gloo) over the val split's 2 shards: the all-reduced covariance is the 1-process one."""
     run = new_run(trained, tmp_path)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29531",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
            str(ROOT / "tests/_distributed_cli.py"), "cluster", *tiny_args(tiny_shards, run)]
     result = subprocess.run(cmd, env={**ENV, "ACCELERATE_USE_CPU": "1"}, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
