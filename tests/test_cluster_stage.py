@@ -266,3 +266,12 @@ def test_distributed_two_processes_give_the_same_covariance(clustered, trained, 
     np.testing.assert_allclose(np.load(run / "covariance.npy"), np.load(clustered / "covariance.npy"),
                                rtol=0, atol=1e-12)
     assert data["specialists"] == single["specialists"] and data["quality"] == single["quality"]
+
+
+def test_report_without_a_clustered_run_is_a_one_line_error(trained, tmp_path, cli):
+    code, _, err = cli("report", "--run", tmp_path / "nowhere")
+    assert code == 2 and err.count("\n") == 1 and "no such run directory" in err
+    run = new_run(trained, tmp_path / "run")  # a generalist's config, but no clusters.json yet
+    code, _, err = cli("report", "--run", run)
+    assert code == 2 and err.count("\n") == 1
+    assert f"{run}/clusters.json: not found; run `specialists cluster` first" in err
