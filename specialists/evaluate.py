@@ -194,6 +194,11 @@ def compute_metrics(records: Records, sets: list[list[int]], *, ids: list[int] |
                 "by_coverage": by_cover,
             },
         }
+    if "ensemble" in records.names and "control" in records.names:
+        # Does specialising beat spending the same steps on plain fine-tuning? (b: control right only)
+        e_ok, c_ok = col["ensemble.pred"] == label, col["control.pred"] == label
+        predictors["ensemble"]["vs_control"] = {"change_correct": int(e_ok.sum() - c_ok.sum()),
+                                                "mcnemar": mcnemar(c_ok, e_ok)}
     specialists = []
     ids = list(range(len(sets))) if ids is None else ids
     for m, s, (num, spec_ok, gen_ok) in zip(ids, sets, records.specialist_counts.tolist(), strict=True):
@@ -237,6 +242,11 @@ def format_tables(metrics: dict[str, Any]) -> str:
         rows.append([k, preds[k]["correct"], _pct(preds[k]["top1"]), f"{v['change_correct']:+d}",
                      v["mcnemar"]["b"], v["mcnemar"]["c"], f"{v['mcnemar']['p_value']:.3g}"])
     out.append(_table(["predictor", "correct", "top-1", "change", "b", "c", "McNemar p"], rows))
+    vs_control = preds.get("ensemble", {}).get("vs_control")
+    if vs_control is not None:
+        mc = vs_control["mcnemar"]
+        out.append(f"ensemble vs control: {vs_control['change_correct']:+d} correct, McNemar b={mc['b']} "
+                   f"(control right only), c={mc['c']} (ensemble right only), p={mc['p_value']:.3g}")
     out += ["", f"Conditional accuracy (table 3): {sub['num_examples']} examples whose class is in some "
                 f"specialist's set, predictions among the {sub['union_classes']} classes of the sets"]
     rows = [[BASELINE, preds[BASELINE]["conditional"]["correct"], _pct(preds[BASELINE]["conditional"]["accuracy"]), None]]

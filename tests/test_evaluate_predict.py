@@ -209,6 +209,11 @@ def test_control_is_a_third_column(tiny_shards, run_copy, cli, caplog):
     assert ctl["vs_generalist"]["mcnemar"] == {"b": 0, "c": 0, "p_value": 1.0}
     assert ctl["mean_active_specialists"] == 1.0
     assert "table 4): control vs generalist" in out
+    # ensemble vs control: the control equals the generalist here, so it is ensemble vs generalist again
+    ens = metrics["predictors"]["ensemble"]
+    assert ens["vs_control"]["mcnemar"] == ens["vs_generalist"]["mcnemar"]
+    assert ens["vs_control"]["change_correct"] == ens["vs_generalist"]["change_correct"]
+    assert "ensemble vs control:" in out
 
 
 # --- predict ------------------------------------------------------------------------------------
