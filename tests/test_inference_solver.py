@@ -99,6 +99,27 @@ def test_node_em_matches_dense_em_with_heavy_overlaps():
     assert ((f_gd - f) / f.clamp_min(1e-12) >= -1e-9).all()  # EM is never worse
 
 
+@pytest.mark.parametrize("num_spec,set_size,num_classes", [(70, 12, 60), (130, 5, 40)])
+def test_node_em_matches_dense_em_beyond_one_bit_word(num_spec, set_size, num_classes):
+    # more than 63 specialists: membership bits span 2 and 3 int64 words
+    pg, ps, sets, active = random_instance(20, num_classes, num_spec, set_size, seed=num_spec,
+                                           p_active=0.2)
+    active[2, 60:70] = True  # specialists on both sides of the word boundary
+    active[3, ::7] = True
+    from inference._sets import check_class_sets
+    from inference.solver import densify, solve_em
+
+    table = check_class_sets(sets, pg.shape[1], pg.device)
+    rows = ps_rows(ps, active)
+    q0 = densify(solve_em(pg, table, active, rows, pg.sum(1), tol=0.0, max_iter=0), pg)
+    sol = solve_em(pg, table, active, rows, pg.sum(1), tol=0.0, max_iter=3, accelerate=False)
+    q_ref = dense_em_from(q0, pg, ps, sets, active, 3)
+    torch.testing.assert_close(densify(sol, pg), q_ref, rtol=0, atol=1e-13)
+    q = solve_kl(pg, ps, sets, active, tol=0.0)
+    vals, _ = solve_kl_topk(pg, ps, sets, active, k=3, tol=0.0)
+    torch.testing.assert_close(vals, q.topk(3, dim=1).values, rtol=0, atol=1e-14)
+
+
 def test_first_plain_em_steps_match_dense_em():
     # the node EM started where the dense EM is (q ∝ w on each pattern) takes the same steps
     pg, ps, sets, active = heavy_overlap_instance(seed=5)
