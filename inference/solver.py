@@ -401,7 +401,8 @@ def _em_problem(
     sh = _shared_entries(cls, pair_m, pair_img, sets, active)
     g_sh = g.view(-1)[sh.idx]  # (K,) the same pᵍ_j in every copy
     if sh.idx.numel():  # a shared class gets every active specialist's probability
-        pv_sum = _seg_sum(pv.reshape(-1)[sh.idx], sh.group, sh.n_groups)
+        pv_sh = pv[sh.pair, sh.idx % width]  # (pv may be a strided view: no reshape copy)
+        pv_sum = _seg_sum(pv_sh, sh.group, sh.n_groups)
         w.view(-1)[sh.idx] = g_sh + pv_sum.index_select(0, sh.group)
     w_sh = w.view(-1)[sh.idx]
     first = (~sh.is_dup).nonzero().squeeze(1)  # one copy per (image, class)
