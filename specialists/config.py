@@ -110,6 +110,7 @@ class SpecialistsConfig:
 @dataclass(frozen=True)
 class InferenceConfig:
     top_n: int = 1  # generalist's top-n classes used for routing
+    bias: str = "trained"  # dustbin correction at inference: trained (sidecar) | prior | fit | none
     solver: str = "em"  # em | gradient
     tol: float = 1e-7
     max_iter: int = 100
@@ -282,6 +283,7 @@ def _check_values(cfg: RunConfig, label: str) -> None:
         "specialists.bias": (cfg.specialists.bias, ("prior", "fit", "none")),
         "specialists.optimizer": (cfg.specialists.optimizer, ("sgd", "adamw")),
         "inference.solver": (cfg.inference.solver, ("em", "gradient")),
+        "inference.bias": (cfg.inference.bias, ("trained", "prior", "fit", "none")),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:

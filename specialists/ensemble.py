@@ -84,14 +84,26 @@ def load_ensemble(cfg: RunConfig, device: str | torch.device = "cpu") -> LoadedE
         specialists.append(CollapsedHead(model, meta["classes"]).to(device) if meta["head"] == "full" else model)
     icfg = cfg.inference
     amp = device.type == "cuda" and resolve_mixed_precision(cfg.generalist.mixed_precision, cpu=False) != "no"
+    biases, temperatures = zip(*(dustbin_correction(meta, icfg.bias) for meta in metas), strict=True)
     engine = EnsembleEngine(
-        generalist, specialists, [torch.tensor(s) for s in clusters.sets],
-        [float(meta["dustbin_bias"]) for meta in metas],
-        temperatures=[float(meta.get("temperature", 1.0)) for meta in metas],
+        generalist, specialists, [torch.tensor(s) for s in clusters.sets], list(biases),
+        temperatures=list(temperatures),
         top_n=icfg.top_n, method=icfg.solver, tol=icfg.tol, max_iter=icfg.max_iter,
         amp=amp, channels_last=cfg.generalist.channels_last,
     )
     return LoadedEnsemble(engine, list(clusters.class_names), clusters, gen_path, gen_meta, paths, metas)
+
+
+def dustbin_correction(meta: dict[str, Any], choice: str) -> tuple[float, float]:
+    """(dustbin bias, temperature) for a specialist: as trained (``"trained"``: the sidecar's
+    choice), the prior-shift formula, the values fitted on val, or no correction."""
+    if choice == "trained":
+        return float(meta["dustbin_bias"]), float(meta.get("temperature", 1.0))
+    if choice == "prior":
+        return float(meta["prior_bias"]), 1.0
+    if choice == "fit":
+        return float(meta["fitted_bias"]), float(meta["fitted_temperature"])
+    return 0.0, 1.0
 
 
 def _load_clusters(run_dir: Path, gen_path: Path, num_classes: int, names: list[str] | None) -> Clusters:

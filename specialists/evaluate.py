@@ -315,7 +315,7 @@ def run_evaluate(cfg: RunConfig, *, split: str = "test") -> dict[str, Any] | Non
         metrics = {
             "format": METRICS_FORMAT, "split": split, "num_examples": records.num_examples,
             "num_classes": loaded.num_classes, "num_specialists": len(loaded.sets), "world_size": world,
-            "inference": {"top_n": icfg.top_n, "solver": icfg.solver, "tol": icfg.tol, "max_iter": icfg.max_iter},
+            "inference": {"top_n": icfg.top_n, "solver": icfg.solver, "bias": icfg.bias, "tol": icfg.tol, "max_iter": icfg.max_iter},
             "models": {
                 "generalist": {"path": str(loaded.generalist_path), "sha256": loaded.generalist_meta.get("sha256")},
                 "specialists": [{"id": m, "path": str(p), "sha256": meta.get("sha256"),

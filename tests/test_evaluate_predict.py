@@ -388,3 +388,13 @@ def test_distributed_predict_and_evaluate_two_processes(tiny_shards, run_copy, t
     assert double["world_size"] == 2 and double["num_examples"] == 96
     for key in ("predictors", "conditional_subset", "specialists"):
         assert json.dumps(double[key], sort_keys=True) == json.dumps(single[key], sort_keys=True), key
+
+
+def test_dustbin_correction_choices():
+    from specialists.ensemble import dustbin_correction
+
+    meta = {"dustbin_bias": 0.7, "temperature": 1.0, "prior_bias": 0.7, "fitted_bias": -1.2, "fitted_temperature": 1.5}
+    assert dustbin_correction(meta, "trained") == (0.7, 1.0)
+    assert dustbin_correction(meta, "prior") == (0.7, 1.0)
+    assert dustbin_correction(meta, "fit") == (-1.2, 1.5)
+    assert dustbin_correction(meta, "none") == (0.0, 1.0)
