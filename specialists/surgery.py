@@ -69,7 +69,7 @@ def make_specialist(generalist: nn.Module, classes: Sequence[int], *, head: str 
     ``head="full"``: an unchanged copy (all C outputs); train it with soft targets for the
     non-special classes and wrap it in :class:`CollapsedHead` for inference.
     """
-    model = copy.deepcopy(generalist)
+    model = copy.deepcopy(generalist).requires_grad_(True)  # the whole net trains, even from a frozen generalist
     if head == "full":
         return model
     if head != "dustbin":

@@ -103,6 +103,17 @@ def test_surgery_keeps_the_generalist_within_the_set():
     assert generalist.fc.out_features == 12
 
 
+@pytest.mark.parametrize("head", ["dustbin", "full"])
+def test_specialist_trains_its_whole_body_even_from_a_frozen_generalist(head):
+    generalist, images = _generalist_and_images()
+    generalist.requires_grad_(False)  # as the training stage holds it (it only gives soft targets)
+    spec = make_specialist(generalist, [1, 2], head=head)
+    assert all(p.requires_grad for p in spec.parameters())
+    spec(images[:8]).logsumexp(1).sum().backward()
+    assert spec.features[0].weight.grad is not None and spec.features[0].weight.grad.abs().sum() > 0
+    assert all(not p.requires_grad for p in generalist.parameters())
+
+
 def test_full_head_collapses_to_set_plus_dustbin():
     generalist, images = _generalist_and_images()
     classes = [0, 4]
