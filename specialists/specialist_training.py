@@ -127,12 +127,13 @@ def specialist_loss(logits: torch.Tensor, general_logits: torch.Tensor | None, l
     return per.mean()
 
 
-def _save_checkpoint(path: Path, model, optimizer, scheduler, step: int, best_acc: float, best_state) -> None:
+def _save_checkpoint(path: Path, model, optimizer, scheduler, step: int, best_acc: float, best_state,
+                     history: list) -> None:
     import io
 
     buffer = io.BytesIO()
     torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "step": step, "best_acc": best_acc, "best_state": best_state}, buffer)
+                "step": step, "best_acc": best_acc, "best_state": best_state, "history": history}, buffer)
     atomic_write_bytes(path, buffer.getvalue())
 
 
@@ -149,13 +150,14 @@ def train_one(ctx: Context, m: int, classes: list[int], *, rank: int, world: int
                             logits=ctx.val_logits).to(ctx.device)
     optimizer = build_optimizer(model, scfg.optimizer, scfg.lr, scfg.momentum, scfg.weight_decay)
     scheduler = warmup_cosine(optimizer, scfg.warmup_steps, scfg.steps)
-    step, best_acc, best_state = 0, -1.0, None
+    step, best_acc, best_state, history = 0, -1.0, None, []
     if ckpt_path.is_file():
         state = torch.load(ckpt_path, map_location=ctx.device, weights_only=True)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step, best_acc, best_state = state["step"], state["best_acc"], state["best_state"]
+        history = [list(h) for h in state.get("history", [])]
         log.info("specialist %d: resumed at step %d", m, step)
     stream = EnrichedStream(ctx.index, cfg.data, classes, special_fraction=scfg.special_fraction,
                             batch_size=cfg.data.batch_size, seed=hash((cfg.seed, m, step)) % 2**31)
@@ -187,10 +189,11 @@ def train_one(ctx: Context, m: int, classes: list[int], *, rank: int, world: int
             model.eval()
             acc = conditional_accuracy(_run_batches(model, ctx.val_images[val_mask], ctx), ctx.val_labels[val_mask],
                                        classes, full_head=full_head)
+            history.append([step, acc])
             if acc > best_acc:
                 best_acc, best_state = acc, {k: v.detach().clone() for k, v in model.state_dict().items()}
         if step % scfg.checkpoint_every == 0 and step < scfg.steps:
-            _save_checkpoint(ckpt_path, model, optimizer, scheduler, step, best_acc, best_state)
+            _save_checkpoint(ckpt_path, model, optimizer, scheduler, step, best_acc, best_state, history)
     model.load_state_dict(best_state)
     model.eval()
     val_logits = _run_batches(model, ctx.val_images, ctx)
@@ -211,6 +214,7 @@ def train_one(ctx: Context, m: int, classes: list[int], *, rank: int, world: int
         "soft_target_weight": scfg.soft_target_weight, "soft_target_temperature": scfg.temperature,
         "steps": scfg.steps, "lr": scfg.lr, "source_generalist": gmeta.get("sha256"),
         "val_conditional_accuracy": best_acc, "generalist_val_conditional_accuracy": general_cond,
+        "val_history": history,
         "samples_read": stream.stats.read if cfg.data.num_workers == 0 else None,
         "trained_by_rank": rank, "world_size": world, "seconds": time.perf_counter() - start,
         "config_hash": cfg.hash(),
