@@ -24,13 +24,11 @@ its presence means the stage finished):
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,7 +44,7 @@ from .config import RunConfig, config_to_yaml
 from .data import ShardIndex, eval_batches, normalize
 from .errors import UserError
 from .generalist import check_shards, generalist_weights
-from .io import atomic_write_text, read_json
+from .io import atomic_write, atomic_write_text, read_json
 from .progress import progress
 from .training import resolve_mixed_precision
 
@@ -372,28 +370,13 @@ def _finite(x: float) -> float | None:
 def _save_confusion(path: Path, true: np.ndarray, pred: np.ndarray, num_classes: int) -> None:
     """Non-zero cells of the (C, C) confusion counts: at most one per image, never C² of them."""
     cells, counts = np.unique(true.astype(np.int64) * num_classes + pred, return_counts=True)
-    _atomic(path, lambda f: np.savez(f, true=cells // num_classes, pred=cells % num_classes,
+    atomic_write(path, lambda f: np.savez(f, true=cells // num_classes, pred=cells % num_classes,
                                      count=counts.astype(np.int64), num_classes=np.int64(num_classes)))
 
 
 def save_npy_atomic(path: str | Path, array: np.ndarray) -> None:
     """``np.save`` to a temporary file then rename (streams: no second copy of a 1.8 GB matrix)."""
-    _atomic(Path(path), lambda f: np.save(f, array))
-
-
-def _atomic(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda f: np.save(f, array))
 
 
 def _report(run_dir: Path) -> Path:

@@ -21,15 +21,12 @@ all processes see (as the run directory is).
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
 import logging
 import math
-import os
 import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +43,7 @@ from .config import RunConfig
 from .data import IMAGE_KEYS, ShardIndex, build_transform, normalize
 from .ensemble import load_ensemble
 from .errors import UserError
+from .io import atomic_write
 from .progress import progress
 
 log = logging.getLogger(__name__)
@@ -258,22 +256,15 @@ def _merge(parts: Path, world: int) -> list[tuple[list[int], dict[str, Any]]]:
 
 def _write_output(output: Path, records: Iterator[dict[str, Any]]) -> None:
     """JSONL (one object per image) or, for a .csv name, CSV with header input,class,name,prob; atomically."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            if output.suffix.lower() == ".csv":
-                writer = csv.writer(f)
-                writer.writerow(CSV_HEADER)
-                for r in records:
-                    writer.writerow([r[k] for k in CSV_HEADER])
-            else:
-                for r in records:
-                    f.write(json.dumps(r, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, output)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+
+    def write(f) -> None:
+        if output.suffix.lower() == ".csv":
+            writer = csv.writer(f)
+            writer.writerow(CSV_HEADER)
+            for r in records:
+                writer.writerow([r[k] for k in CSV_HEADER])
+        else:
+            for r in records:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+    atomic_write(output, write, text=True)
