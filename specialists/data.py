@@ -261,11 +261,13 @@ def train_batches(
     world_size: int = 1,
     split: str = "train",
     transform: Callable | None = None,
+    multiple_of: int = 1,
 ) -> Batches:
     """One training epoch of uint8 ``(images (B, C, S, S), labels (B,))`` batches for this rank.
 
     Each DataLoader worker batches its own shards, so up to one partial batch per worker
-    comes near the end; the count is known in advance from the index.
+    comes near the end; the count is known in advance from the index, and cut down to a
+    multiple of ``multiple_of``.
     """
     shards = index.shards(split)
     if len(shards) < world_size:
@@ -276,6 +278,7 @@ def train_batches(
     bs = cfg.batch_size
     num_batches = min(_batches_per_rank(split_shards(shuffled, r, world_size), bs, cfg.num_workers)
                       for r in range(world_size))
+    num_batches -= num_batches % multiple_of  # e.g. whole gradient-accumulation groups only
     mine = [url for url, _ in split_shards(shuffled, rank, world_size)]
     example = ToExample(transform or build_transform(cfg, train=True), index.num_classes, cfg.channels)
     shuffle = _worker_shuffle(cfg.shuffle_buffer, (seed, epoch, rank)) if cfg.shuffle_buffer > 1 else None

@@ -140,12 +140,14 @@ def train_generalist(cfg: RunConfig, *, resume: bool = False, force: bool = Fals
     global_batch = cfg.data.batch_size * world * gcfg.grad_accum_steps
     lr = gcfg.lr * global_batch / 128
     optimizer = build_optimizer(model, gcfg.optimizer, lr, gcfg.momentum, gcfg.weight_decay)
-    batches_per_epoch = len(train_batches(index, cfg.data, epoch=0, seed=cfg.seed, rank=rank, world_size=world))
-    steps_per_epoch = batches_per_epoch // gcfg.grad_accum_steps
-    if steps_per_epoch < 1:
-        raise DataError(f"{cfg.data.shards}: {batches_per_epoch} batches per epoch per process, fewer than "
+    # Steps per epoch come from the index; they can differ by one between epochs (the shard
+    # order decides which worker holds the short shard), so the schedule counts every epoch.
+    steps = [len(train_batches(index, cfg.data, epoch=e, seed=cfg.seed, rank=rank, world_size=world,
+                               multiple_of=gcfg.grad_accum_steps)) // gcfg.grad_accum_steps for e in range(gcfg.epochs)]
+    steps_per_epoch, total_steps = steps[0], sum(steps)
+    if min(steps) < 1:
+        raise DataError(f"{cfg.data.shards}: fewer batches per epoch per process than "
                         f"generalist.grad_accum_steps={gcfg.grad_accum_steps}")
-    total_steps = steps_per_epoch * gcfg.epochs
     scheduler = warmup_cosine(optimizer, round(gcfg.warmup_epochs * steps_per_epoch), total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     state = TrainState()
@@ -170,10 +172,10 @@ def train_generalist(cfg: RunConfig, *, resume: bool = False, force: bool = Fals
                  gcfg.grad_accum_steps, steps_per_epoch, lr, accelerator.mixed_precision)
     val = eval_batches(index, cfg.data, "val", rank=rank, world_size=world)
     while state.epoch < gcfg.epochs:
-        batches = train_batches(index, cfg.data, epoch=state.epoch, seed=cfg.seed, rank=rank, world_size=world)
-        batches.num_batches = steps_per_epoch * gcfg.grad_accum_steps  # whole accumulation groups only
+        batches = train_batches(index, cfg.data, epoch=state.epoch, seed=cfg.seed, rank=rank, world_size=world,
+                                multiple_of=gcfg.grad_accum_steps)
         epoch_start = time.perf_counter()
-        stats = train_one_epoch(model, optimizer, scheduler, _limit(batches), accelerator, cfg, state, ckpt)
+        stats = train_one_epoch(model, optimizer, scheduler, batches, accelerator, cfg, state, ckpt)
         metrics = evaluate(model, val, accelerator, cfg.data, channels_last=gcfg.channels_last)
         record = {"epoch": state.epoch + 1, "step": state.step, **stats, "val_top1": metrics["top1"],
                   "val_top5": metrics["top5"], "val_loss": metrics["loss"], "val_n": metrics["n"],
@@ -205,22 +207,6 @@ def ranks_in_sync(accelerator: Accelerator, model: torch.nn.Module) -> bool:
     if not same:
         log.warning("weights differ across processes after training: %s", sums.tolist())
     return same
-
-
-class _limit:
-    """Batches cut to ``num_batches`` (whole accumulation groups)."""
-
-    def __init__(self, batches) -> None:
-        self.batches = batches
-
-    def __len__(self) -> int:
-        return self.batches.num_batches
-
-    def __iter__(self):
-        for i, batch in enumerate(self.batches):
-            if i >= self.batches.num_batches:
-                return
-            yield batch
 
 
 def import_generalist(cfg: RunConfig, *, arch: str, weights_file: str | Path, classes_file: str | Path,

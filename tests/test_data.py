@@ -167,3 +167,11 @@ def test_normalize_matches_reference():
     images = torch.randint(0, 256, (4, 1, 16, 16), dtype=torch.uint8)
     cfg = replace(CFG, mean=(0.25,), std=(0.5,))
     assert torch.allclose(normalize(images, cfg), (images.float() / 255 - 0.25) / 0.5)
+
+
+def test_train_batches_whole_accumulation_groups(tiny_shards):
+    index = ShardIndex.load(tiny_shards)
+    full = train_batches(index, CFG, epoch=0, seed=0)
+    cut = train_batches(index, CFG, epoch=0, seed=0, multiple_of=5)
+    assert len(full) == 12 and len(cut) == 10
+    assert sum(1 for _ in cut) == 10
