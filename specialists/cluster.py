@@ -88,7 +88,7 @@ class Clusters:
         return len(self.class_names)
 
 
-def load_clusters(path: str | Path, class_names: list[str]) -> Clusters:
+def load_clusters(path: str | Path, class_names: list[str], *, against: str = "the shards' classes.json") -> Clusters:
     """Read ``clusters.json`` and check it against the data's ``classes.json`` names.
 
     Every problem is a one-line :class:`UserError` naming the file and what differs:
@@ -115,12 +115,12 @@ def load_clusters(path: str | Path, class_names: list[str]) -> Clusters:
     if not isinstance(c, int) or isinstance(c, bool):
         raise fail(f"num_classes must be an integer, got {c!r}")
     if c != len(class_names):
-        raise fail(f"num_classes is {c} but the shards' classes.json has {len(class_names)} classes")
+        raise fail(f"num_classes is {c} but {against} has {len(class_names)} classes")
     if not isinstance(names, list) or len(names) != c:
         raise fail(f"class_names must be a list of {c} names")
     if names != list(class_names):
         i = next(i for i, (a, b) in enumerate(zip(names, class_names, strict=True)) if a != b)
-        raise fail(f"class_names differ from the shards' classes.json (class {i}: {names[i]!r} here, "
+        raise fail(f"class_names differ from {against} (class {i}: {names[i]!r} here, "
                    f"{class_names[i]!r} there)")
     specs = data["specialists"]
     if not isinstance(specs, list) or not specs:

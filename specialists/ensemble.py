@@ -22,7 +22,6 @@ from .cluster import Clusters, clusters_path, load_clusters
 from .config import RunConfig
 from .errors import UserError
 from .generalist import generalist_weights
-from .io import read_json
 from .specialist_training import specialist_weights
 from .surgery import CollapsedHead
 from .training import resolve_mixed_precision
@@ -107,24 +106,11 @@ def dustbin_correction(meta: dict[str, Any], choice: str) -> tuple[float, float]
 
 
 def _load_clusters(run_dir: Path, gen_path: Path, num_classes: int, names: list[str] | None) -> Clusters:
-    """clusters.json, checked against the generalist (its class count first, with a message naming both)."""
-    path = clusters_path(run_dir)
-    try:
-        raw = read_json(path)
-    except FileNotFoundError:
-        raise UserError(f"{path}: not found; run `specialists cluster` first") from None
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{path}: not valid JSON ({exc})") from None
-    c = raw.get("num_classes") if isinstance(raw, dict) else None
-    if isinstance(c, int) and c != num_classes:
-        raise UserError(f"{path}: num_classes is {c} but the generalist {gen_path} has {num_classes} outputs")
-    if names is None:  # a sidecar without names: take clusters.json's, once their count is checked
-        names = raw.get("class_names") if isinstance(raw, dict) else None
-        if not isinstance(names, list) or len(names) != num_classes:
-            raise UserError(f"{path}: class_names must be a list of {num_classes} names")
-    if len(names) != num_classes:
-        raise UserError(f"{gen_path}: {num_classes} outputs but {len(names)} class names in its sidecar")
-    return load_clusters(path, list(names))
+    """clusters.json, checked against the generalist's class names (messages name the generalist)."""
+    if names is None or len(names) != num_classes:
+        raise UserError(f"{gen_path}: {num_classes} outputs but its sidecar lists "
+                        f"{'no' if names is None else len(names)} class names")
+    return load_clusters(clusters_path(run_dir), list(names), against=f"the generalist {gen_path}")
 
 
 def _check_specialist(meta: dict[str, Any], path: Path, m: int, classes: list[int], cpath: Path,
