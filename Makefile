@@ -5,13 +5,23 @@ CONFIG ?= configs/fashion-mnist.yaml
 FASHION_MNIST_DIR ?= /usr/share/datasets/fashion-mnist
 export FASHION_MNIST_DIR
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup fonts demo typefaces typefaces-1000 test lint bench clean
 
 setup:
 	@bash scripts/setup.sh
 
 demo: setup
 	$(BIN)/specialists run --config $(CONFIG) --set data.source=fashion-mnist:$(FASHION_MNIST_DIR)
+
+fonts:
+	@bash scripts/install-fonts.sh
+
+# Thousands of classes: GB2312 characters rendered from Debian's CJK typefaces (docs/RESULTS.md).
+typefaces: setup fonts
+	$(BIN)/specialists run --config configs/typefaces.yaml
+
+typefaces-1000: setup fonts
+	$(BIN)/specialists run --config configs/typefaces-1000.yaml
 
 test: setup
 	$(BIN)/python -m pytest

@@ -48,9 +48,20 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     seed = data.split_seed if args.seed is None else args.seed
     shard_size = args.shard_size or data.shard_size
     path = prepare(source, out, seed=seed, shard_size=shard_size, force=args.force, synthetic_cfg=syn,
+                   typefaces_cfg=_typefaces_options(data.typefaces, args),
                    val_fraction=data.val_fraction, test_fraction=data.test_fraction)
     print(summarize(path, read=args.verify))
     return 0
+
+
+def _typefaces_options(tf, args: argparse.Namespace):
+    from dataclasses import replace
+
+    overrides = {k: v for k, v in {
+        "chars": args.chars, "num_classes": args.num_classes, "image_size": args.image_size,
+        "renders": args.renders, "workers": args.workers,
+    }.items() if v is not None}
+    return replace(tf, **overrides)
 
 
 def cmd_summary(args: argparse.Namespace) -> int:
@@ -167,17 +178,22 @@ def build_parser() -> argparse.ArgumentParser:
                                    "/usr/share/datasets/fashion-mnist), imagefolder:DIR (one folder per class, "
                                    "optionally under train/ val/ test/), synthetic (planted confusable groups).")
     add_config_args(p, required=False)
-    p.add_argument("--source", help="fashion-mnist[:DIR] | imagefolder:DIR | synthetic (default: data.source)")
+    p.add_argument("--source",
+                   help="fashion-mnist[:DIR] | imagefolder:DIR | synthetic | typefaces (default: data.source)")
     p.add_argument("--out", help="output directory (default: data.shards)")
     p.add_argument("--seed", type=int, help="seed of the val split and shuffling (default: data.split_seed)")
     p.add_argument("--shard-size", type=int, help="samples per shard (default: data.shard_size)")
     p.add_argument("--force", action="store_true", help="redo even if OUT is already prepared")
     p.add_argument("--verify", action="store_true", help="read every shard back and check it against the index")
-    g = p.add_argument_group("synthetic source")
-    g.add_argument("--num-classes", type=int, help="number of classes (2..15000)")
-    g.add_argument("--samples-per-class", type=int, help="training samples per class")
+    g = p.add_argument_group("synthetic and typefaces sources")
+    g.add_argument("--num-classes", type=int, help="number of classes (synthetic: 2..15000; typefaces: a seeded "
+                                                     "subset of the character set)")
     g.add_argument("--image-size", type=int, help="image side in pixels")
-    g.add_argument("--group-size", type=int, help="classes per planted confusable group")
+    g.add_argument("--samples-per-class", type=int, help="synthetic: training samples per class")
+    g.add_argument("--group-size", type=int, help="synthetic: classes per planted confusable group")
+    g.add_argument("--chars", help="typefaces: gb2312-1 (default) | file:PATH | the characters themselves")
+    g.add_argument("--renders", type=int, help="typefaces: train renders per face and character")
+    g.add_argument("--workers", type=int, help="typefaces: rendering processes (0: one per CPU)")
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("train-generalist", help="train the generalist (works under accelerate launch)",

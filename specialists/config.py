@@ -36,19 +36,38 @@ class SyntheticConfig:
 
 
 @dataclass(frozen=True)
+class TypefacesConfig:
+    """Options of the rendered-characters source (``data.source: typefaces``)."""
+
+    chars: str = "gb2312-1"  # gb2312-1 (3,755 level-1 hanzi) | file:PATH | the characters themselves
+    num_classes: int | None = None  # a seeded subset of that many characters (quick runs)
+    image_size: int = 32
+    renders: int = 2  # train renders per face and character
+    eval_renders: int = 1  # val and test renders per face and character
+    distortion: float = 1.0  # scales every augmentation amplitude (0: clean glyphs)
+    supersample: int = 2  # render at this multiple of image_size, then reduce
+    font_dirs: tuple[str, ...] = ("/usr/share/fonts",)
+    val_designs: tuple[str, ...] = ("wqy-zenhei", "uming", "wenkai")
+    test_designs: tuple[str, ...] = ("droid", "noto-serif", "ukai")
+    exclude_designs: tuple[str, ...] = ()  # installed designs to leave out entirely
+    workers: int = 0  # rendering processes (0: one per CPU)
+
+
+@dataclass(frozen=True)
 class DataConfig:
-    source: str = "fashion-mnist"  # fashion-mnist[:DIR] | imagefolder:DIR | synthetic
+    source: str = "fashion-mnist"  # fashion-mnist[:DIR] | imagefolder:DIR | synthetic | typefaces
     shards: str = "data/fashion-mnist"  # prepared shard directory (holds index.json)
     split_seed: int = 0  # seed of the train/val split done by `prepare`
     shard_size: int = 1000  # samples per shard
     val_fraction: float = 0.0833333  # imagefolder without val/: part of train held out
     test_fraction: float = 0.0  # imagefolder without test/: part held out for test
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    typefaces: TypefacesConfig = field(default_factory=TypefacesConfig)
     image_size: int = 28  # model input size after transforms
     channels: int = 1
     mean: tuple[float, ...] = (0.2860,)
     std: tuple[float, ...] = (0.3530,)
-    augment: str = "crop-flip"  # none | crop-flip | random-resized-crop
+    augment: str = "crop-flip"  # none | crop (shift only) | crop-flip | random-resized-crop
     crop_padding: int = 2
     batch_size: int = 128  # per process
     eval_batch_size: int = 512
@@ -59,7 +78,8 @@ class DataConfig:
 @dataclass(frozen=True)
 class GeneralistConfig:
     arch: str = "compact_cnn"
-    width: int = 64  # compact_cnn base width
+    width: int = 64  # compact_cnn / glyph_cnn base width
+    hidden: int = 512  # glyph_cnn hidden layer before the classifier
     dropout: float = 0.0
     epochs: int = 10
     optimizer: str = "sgd"  # sgd | adamw
@@ -273,7 +293,7 @@ def _check_values(cfg: RunConfig, label: str) -> None:
         raise ConfigError(f"{label}: {key}: {msg}")
 
     choices = {
-        "data.augment": (cfg.data.augment, ("none", "crop-flip", "random-resized-crop")),
+        "data.augment": (cfg.data.augment, ("none", "crop", "crop-flip", "random-resized-crop")),
         "generalist.optimizer": (cfg.generalist.optimizer, ("sgd", "adamw")),
         "generalist.mixed_precision": (cfg.generalist.mixed_precision, ("auto", "no", "fp16", "bf16")),
         "clustering.method": (cfg.clustering.method, ("faiss", "minibatch")),

@@ -108,8 +108,8 @@ def build_transform(cfg: DataConfig, *, train: bool) -> Callable[[torch.Tensor],
         steps += [v2.RandomResizedCrop(size, antialias=True)]
     else:
         steps += [_FitSize(size)]
-    if train and cfg.augment == "crop-flip":
-        steps += [RandomShiftFlip(cfg.crop_padding)]
+    if train and cfg.augment in ("crop", "crop-flip"):
+        steps += [RandomShiftFlip(cfg.crop_padding, flip=cfg.augment == "crop-flip")]
     if train and cfg.augment == "random-resized-crop":
         steps += [v2.RandomHorizontalFlip()]
     return v2.Compose(steps)
@@ -122,13 +122,15 @@ class RandomShiftFlip(torch.nn.Module):
     inputs, in one copy: about 10× cheaper per small image, which matters on a CPU.
     """
 
-    def __init__(self, padding: int) -> None:
+    def __init__(self, padding: int, flip: bool = True) -> None:
         super().__init__()
         self.padding = padding
+        self.flip = flip  # off for glyphs: a mirrored character is another shape
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:  # (C, H, W)
         p = self.padding
-        dy, dx, flip = torch.randint(-p, p + 1, (2,)).tolist() + [bool(torch.rand(()) < 0.5)]
+        dy, dx = torch.randint(-p, p + 1, (2,)).tolist()
+        flip = self.flip and bool(torch.rand(()) < 0.5)
         h, w = image.shape[-2:]
         out = torch.zeros_like(image)
         out[..., max(dy, 0) : h + min(dy, 0), max(dx, 0) : w + min(dx, 0)] = \

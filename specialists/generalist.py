@@ -131,7 +131,10 @@ def train_generalist(cfg: RunConfig, *, resume: bool = False, force: bool = Fals
     )
     rank, world = accelerator.process_index, accelerator.num_processes
     set_seed(cfg.seed)
-    arch_kwargs = {"width": gcfg.width, "dropout": gcfg.dropout} if gcfg.arch == "compact_cnn" else {}
+    arch_kwargs = {
+        "compact_cnn": {"width": gcfg.width, "dropout": gcfg.dropout},
+        "glyph_cnn": {"width": gcfg.width, "hidden": gcfg.hidden, "dropout": gcfg.dropout},
+    }.get(gcfg.arch, {})
     model = create_model(gcfg.arch, num_classes=index.num_classes, in_channels=cfg.data.channels,
                          image_size=cfg.data.image_size, **arch_kwargs)
     if gcfg.channels_last:

@@ -67,6 +67,34 @@ def compact_cnn(*, num_classes: int, in_channels: int, image_size: int, width: i
     return CompactCNN(num_classes, in_channels, width=width, dropout=dropout)
 
 
+class GlyphCNN(nn.Module):
+    """A small CNN for glyphs and other images whose layout is the class: three conv stages down to
+    4×4, then the 4×4 map flattened into a hidden layer (no global pooling, which would discard
+    where strokes are: 己/已/巳 differ only there), then the classifier ``fc``."""
+
+    def __init__(self, num_classes: int, in_channels: int = 1, width: int = 32, hidden: int = 512,
+                 dropout: float = 0.0) -> None:
+        super().__init__()
+        w = width
+        self.features = nn.Sequential(
+            *_conv_bn(in_channels, w), nn.MaxPool2d(2),
+            *_conv_bn(w, 2 * w), *_conv_bn(2 * w, 2 * w), nn.MaxPool2d(2),
+            *_conv_bn(2 * w, 4 * w), nn.AdaptiveMaxPool2d(4), nn.Flatten(),
+            nn.Linear(4 * w * 16, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+        )  # fmt: skip
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(hidden, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.dropout(self.features(x)))
+
+
+@register_model
+def glyph_cnn(*, num_classes: int, in_channels: int, image_size: int, width: int = 32, hidden: int = 512,
+              dropout: float = 0.0) -> nn.Module:
+    return GlyphCNN(num_classes, in_channels, width=width, hidden=hidden, dropout=dropout)
+
+
 def _resnet(builder: Callable[..., tv_models.ResNet], num_classes: int, in_channels: int, image_size: int) -> nn.Module:
     """A torchvision ResNet; for inputs ≤ 64 px a 3×3 stride-1 stem without max-pool (CIFAR-style)."""
     model = builder(weights=None, num_classes=num_classes)

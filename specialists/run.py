@@ -45,7 +45,7 @@ def run_pipeline(cfg: RunConfig, *, config_label: str = "the config") -> dict[st
     if state.is_main_process:
         d = cfg.data
         stage("prepare", prepare, d.source, d.shards, seed=d.split_seed, shard_size=d.shard_size,
-              synthetic_cfg=d.synthetic, val_fraction=d.val_fraction, test_fraction=d.test_fraction)
+              synthetic_cfg=d.synthetic, typefaces_cfg=d.typefaces, val_fraction=d.val_fraction, test_fraction=d.test_fraction)
         Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
         atomic_write_text(Path(cfg.run_dir) / "config.yaml", config_to_yaml(cfg))
     state.wait_for_everyone()

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import SyntheticConfig
+from ..config import SyntheticConfig, TypefacesConfig
 from ..errors import DataError, UserError
-from ..io import atomic_directory, atomic_write_json
-from . import idx, imagefolder, synthetic
+from ..io import atomic_directory, atomic_write_json, atomic_write_text
+from . import idx, imagefolder, synthetic, typefaces
 from .writer import Record, array_records, write_by_class, write_split
 
 log = logging.getLogger(__name__)
@@ -36,6 +36,7 @@ class PreparedData:
     class_names: list[str]
     splits: dict[str, list[Record]]  # split → records in the order to write
     image: dict | None  # {"height", "width", "channels"} when fixed
+    card: str | None = None  # DATA.md written beside the shards
 
 
 def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -113,10 +114,29 @@ def from_imagefolder(directory: str, seed: int, val_fraction: float, test_fracti
     return PreparedData(class_names, splits, None)
 
 
+def from_typefaces(cfg: TypefacesConfig, seed: int) -> PreparedData:
+    """Characters rendered from installed fonts, split by typeface design (see ``typefaces``)."""
+    if cfg.renders < 1 or cfg.eval_renders < 1:
+        raise UserError(f"typefaces renders={cfg.renders}, eval_renders={cfg.eval_renders}: expected ≥ 1")
+    if not 8 <= cfg.image_size <= 256:
+        raise UserError(f"typefaces image_size={cfg.image_size}: expected 8..256")
+    chars = typefaces.select_chars(cfg, seed)
+    faces = typefaces.find_faces(cfg.font_dirs, chars)
+    typefaces.check_chars_available(chars, faces, cfg.font_dirs)
+    split = typefaces.split_faces(faces, cfg)
+    records, census = typefaces.render_splits(chars, split, cfg, seed)
+    card = typefaces.data_card(chars, census, cfg, seed)
+    size = cfg.image_size
+    return PreparedData(list(chars), records, {"height": size, "width": size, "channels": 1}, card)
+
+
 def load_source(
-    source: str, *, seed: int, synthetic_cfg: SyntheticConfig, val_fraction: float, test_fraction: float
+    source: str, *, seed: int, synthetic_cfg: SyntheticConfig, val_fraction: float, test_fraction: float,
+    typefaces_cfg: TypefacesConfig | None = None,
 ) -> PreparedData:
     kind, _, arg = source.partition(":")
+    if kind == "typefaces":
+        return from_typefaces(typefaces_cfg or TypefacesConfig(), seed)
     if kind == "fashion-mnist":
         return from_fashion_mnist(arg or idx.DEFAULT_DIR, seed)
     if kind == "synthetic":
@@ -125,7 +145,8 @@ def load_source(
         if not arg:
             raise UserError("--source imagefolder:DIR needs a directory")
         return from_imagefolder(arg, seed, val_fraction, test_fraction)
-    raise UserError(f"--source {source!r}: unknown source (expected fashion-mnist[:DIR], imagefolder:DIR or synthetic)")
+    raise UserError(f"--source {source!r}: unknown source "
+                    " (expected fashion-mnist[:DIR], imagefolder:DIR, synthetic or typefaces)")
 
 
 def is_prepared(out: str | Path) -> bool:
@@ -140,6 +161,7 @@ def prepare(
     shard_size: int = 1000,
     force: bool = False,
     synthetic_cfg: SyntheticConfig | None = None,
+    typefaces_cfg: TypefacesConfig | None = None,
     val_fraction: float = 5000 / 60000,
     test_fraction: float = 0.0,
 ) -> Path:
@@ -156,6 +178,7 @@ def prepare(
         source,
         seed=seed,
         synthetic_cfg=synthetic_cfg or SyntheticConfig(),
+        typefaces_cfg=typefaces_cfg,
         val_fraction=val_fraction,
         test_fraction=test_fraction,
     )
@@ -171,5 +194,7 @@ def prepare(
             index["splits"][split] = write_split(tmp, split, shuffled[split], num_classes, shard_size)
         index["byclass"] = write_by_class(tmp, shuffled["train"], num_classes, shard_size)
         atomic_write_json(tmp / "classes.json", data.class_names)
+        if data.card is not None:
+            atomic_write_text(tmp / "DATA.md", data.card)
         atomic_write_json(tmp / "index.json", index, indent=None)
     return out

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# The val sweep behind the Fashion-MNIST settings in docs/RESULTS.md (issue: end to end).
+# One trained generalist (RUN holds it and its clusters.json); each variant changes one setting of
+# the default and is judged on the val split only: ensemble minus generalist correct on val, McNemar p.
+#   bash scripts/fashion-mnist-sweep.sh runs/fashion-mnist/seed-1 runs/fm-sweep
+# Writes OUT/sweep.tsv (one line per variant). Finished variants are skipped when rerun.
+set -euo pipefail
+RUN=${1:-runs/fashion-mnist/seed-1}
+OUT=${2:-runs/fm-sweep}
+C="--config configs/fashion-mnist.yaml"
+S=${SPECIALISTS:-.venv/bin/specialists}
+mkdir -p "$OUT"
+TSV="$OUT/sweep.tsv"
+[ -e "$TSV" ] || printf 'variant\tsettings\tval_generalist\tval_ensemble\tchange\tb\tc\tp\n' > "$TSV"
+
+row() {  # name, settings, metrics.json
+  python3 - "$1" "$2" "$3" >> "$TSV" <<'PY'
+import json, sys
+name, settings, path = sys.argv[1:]
+m = json.load(open(path))["predictors"]
+g, e = m["generalist"], m["ensemble"]
+mc = e["vs_generalist"]["mcnemar"]
+print(f"{name}\t{settings}\t{g['correct']}\t{e['correct']}\t{e['correct'] - g['correct']:+d}\t{mc['b']}\t{mc['c']}\t{mc['p_value']:.3f}")
+PY
+}
+
+variant() {  # name, overrides... (clustering.* overrides recluster in the variant's directory)
+  local name=$1; shift
+  local dir="$OUT/$name"
+  grep -q "^$name	" "$TSV" && return 0
+  mkdir -p "$dir"
+  [ -e "$dir/generalist" ] || cp -r "$RUN/generalist" "$dir/generalist"
+  if [[ "$*" == *clustering.* ]]; then
+    $S cluster $C --set run_dir="$dir" "$@"
+  else
+    cp "$RUN/clusters.json" "$dir/clusters.json"
+  fi
+  $S train-specialists $C --set run_dir="$dir" "$@"
+  $S evaluate $C --set run_dir="$dir" --set inference.control=false --split val "$@" > "$dir/val.txt"
+  cp "$dir/metrics.json" "$dir/val.json"
+  row "$name" "$*" "$dir/val.json"
+}
+
+variant default
+variant f-0.3           --set specialists.special_fraction=0.3
+variant f-0.7           --set specialists.special_fraction=0.7
+variant lr-0.003        --set specialists.lr=0.003
+variant lr-0.03         --set specialists.lr=0.03
+variant steps-250       --set specialists.steps=250
+variant steps-1000      --set specialists.steps=1000
+variant soft-0.5        --set specialists.soft_target_weight=0.5
+variant m3              --set clustering.num_specialists=3
+variant m4-overlap-k4   --set clustering.num_specialists=4 --set clustering.classes_per_specialist=4
+# top-n routing only changes inference: reuse the default specialists.
+for n in 2 3; do
+  name=top-$n
+  grep -q "^$name	" "$TSV" && continue
+  $S evaluate $C --set run_dir="$OUT/default" --set inference.control=false --set inference.top_n=$n \
+     --split val > "$OUT/default/val-top-$n.txt"
+  cp "$OUT/default/metrics.json" "$OUT/default/val-top-$n.json"
+  row "$name" "--set inference.top_n=$n" "$OUT/default/val-top-$n.json"
+done
+column -t -s $'\t' "$TSV"
