@@ -243,7 +243,10 @@ def _write_pages(
             scale = max(1, 300 // max(1, s.size))  # small sets: enlarge the cells
             block = np.kron(np.log1p(block), np.ones((scale, scale)))
             plt.imsave(root / confusion_png, block, cmap="viridis")
-        page = _specialist_page(m, s, names, strips, stats["specialists"][m], confusion_png, len(sets))
+        sheet_png = _write_sheet(root, m, s, examples)
+        pairs = _confused_pairs(conf, s) if conf is not None else []
+        page = _specialist_page(m, s, names, strips, stats["specialists"][m], confusion_png, len(sets),
+                                sheet_png=sheet_png, pairs=pairs)
         (root / f"specialist-{m:03d}.html").write_text(page, encoding="utf-8")
     (root / "index.html").write_text(_index_page(names, sets, stats, method), encoding="utf-8")
     summary_json = {k: v for k, v in stats.items()}
@@ -274,10 +277,54 @@ def _write_strips(root: Path, examples: dict[int, np.ndarray], classes: list[int
     return paths
 
 
+SHEET_COLUMNS = 25  # glyph sheet: one example per class, this many to a row
+TOP_PAIRS = 12  # most-confused pairs listed per specialist page
+
+
+def _write_sheet(root: Path, m: int, s: np.ndarray, examples: dict[int, np.ndarray]) -> str | None:
+    """One image with the first example of every class of set ``m``, in the set's order, so a
+    reader sees the kind of shapes a specialist holds at a glance."""
+    import matplotlib.pyplot as plt
+
+    firsts = [examples[i][0] for i in s if i in examples and len(examples[i])]
+    if not firsts or any(f.shape != firsts[0].shape for f in firsts):
+        return None
+    tile = firsts[0]
+    stride = -(-tile.shape[0] // STRIP_HEIGHT)
+    firsts = [f[::stride, ::stride] for f in firsts]
+    h, w = firsts[0].shape[:2]
+    cols = min(SHEET_COLUMNS, len(firsts))
+    rows = -(-len(firsts) // cols)
+    sheet = np.full((rows * (h + 2), cols * (w + 2)) + firsts[0].shape[2:], 255, dtype=np.uint8)
+    for k, img in enumerate(firsts):
+        r, c = divmod(k, cols)
+        sheet[r * (h + 2) : r * (h + 2) + h, c * (w + 2) : c * (w + 2) + w] = img
+    path = f"sheet-{m:03d}.png"
+    if sheet.ndim == 2:
+        plt.imsave(root / path, sheet, cmap="gray", vmin=0, vmax=255)
+    else:
+        plt.imsave(root / path, sheet)
+    return path
+
+
+def _confused_pairs(conf: np.ndarray, s: np.ndarray) -> list[tuple[int, int, int]]:
+    """The most frequent (true, predicted, count) errors with both classes in the set."""
+    block = conf[np.ix_(s, s)].astype(np.int64)
+    np.fill_diagonal(block, 0)
+    flat = np.argsort(-block, axis=None, kind="stable")[:TOP_PAIRS]
+    pairs = []
+    for f in flat:
+        a, b = divmod(int(f), block.shape[1])
+        if block[a, b] > 0:
+            pairs.append((int(s[a]), int(s[b]), int(block[a, b])))
+    return pairs
+
+
 _STYLE = (
     "<style>body{font-family:sans-serif;margin:1.5em}table{border-collapse:collapse}"
     "td,th{border:1px solid #ccc;padding:2px 6px;text-align:left}"
-    "img.strip{image-rendering:pixelated;height:48px}</style>"
+    "img.strip{image-rendering:pixelated;height:48px}img.sheet{image-rendering:pixelated;width:min(100%,1200px)}"
+    "</style>"
 )
 
 
@@ -335,6 +382,9 @@ def _specialist_page(
     entry: dict[str, Any],
     confusion_png: str | None,
     num_sets: int,
+    *,
+    sheet_png: str | None = None,
+    pairs: Sequence[tuple[int, int, int]] = (),
 ) -> str:
     nav = ['<p><a href="index.html">index</a>']
     if m > 0:
@@ -349,6 +399,18 @@ def _specialist_page(
             f"the set: {_fmt(entry['error_share_inside'])}"
         )
     parts.append("</p>")
+    if sheet_png is not None:
+        parts.append(f'<h2>One example of each class, in table order</h2><img class="sheet" src="{sheet_png}" '
+                     'alt="examples of every class">')
+    if pairs:
+        parts.append("<h2>Most confused pairs within the set (val)</h2><table>"
+                     "<tr><th>true</th><th>predicted</th><th>count</th><th>true examples</th>"
+                     "<th>predicted examples</th></tr>")
+        for a, b, n in pairs:
+            cells = "".join(f'<td><img class="strip" src="{strips[i]}" alt=""></td>' if i in strips else "<td></td>"
+                            for i in (a, b))
+            parts.append(f"<tr><td>{html.escape(names[a])}</td><td>{html.escape(names[b])}</td><td>{n}</td>{cells}</tr>")
+        parts.append("</table>")
     if confusion_png is not None:
         parts.append("<h2>Confusion within the set (log scale; rows = true class, columns = predicted, "
                      "both in the order of the table below)</h2>"

@@ -34,12 +34,15 @@ def run_pipeline(cfg: RunConfig, *, config_label: str = "the config") -> dict[st
 
     state = PartialState()
     times: dict[str, float] = {}
+    memory: dict[str, float] = {}
 
     def stage(name: str, fn, *args, **kwargs):
         start = time.perf_counter()
         log.info("stage %s", name)
+        _reset_peak_memory()
         result = fn(*args, **kwargs)
         times[name] = round(time.perf_counter() - start, 1)
+        memory[name] = round(peak_memory_gib(), 2)
         return result
 
     if state.is_main_process:
@@ -61,10 +64,33 @@ def run_pipeline(cfg: RunConfig, *, config_label: str = "the config") -> dict[st
         print(format_tables(metrics))
         metrics["stage_seconds"] = times
         atomic_write_json(Path(cfg.run_dir) / "stage_times.json", times)
+        atomic_write_json(Path(cfg.run_dir) / "stage_memory.json", memory)
         report = Path(cfg.run_dir) / "report" / "index.html"
         print(f"\nstage wall times (s): {times}")
+        print(f"stage peak memory of the main process (GiB): {memory}")
         print(f"inspection report: {report.resolve()}")
     return metrics
+
+
+def _reset_peak_memory() -> None:
+    """Start a new peak-RSS measurement (Linux: writing 5 to clear_refs resets VmHWM)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_memory_gib() -> float:
+    """Peak resident memory of this process since the last reset (VmHWM), else since it started."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20  # kB → GiB
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def seed_config(cfg: RunConfig, seed: int) -> RunConfig:

@@ -4,6 +4,7 @@ import json
 import re
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 import torch
@@ -46,6 +47,18 @@ def test_report_files_exist_and_index_names_every_specialist(tmp_path, inputs):
         assert f'href="specialist-{m:03d}.html"' in text and f"specialist {m}<" in text
     assert names[4] in (index.parent / "specialist-001.html").read_text(encoding="utf-8")
     assert len(list((index.parent / "strips").glob("*.png"))) == 10  # covered classes only
+    # A glyph sheet: one 48-px tile (64 px, stride 2 → 32 px) per class of set 0, side by side.
+    page = (index.parent / "specialist-000.html").read_text(encoding="utf-8")
+    assert 'src="sheet-000.png"' in page
+    sheet = plt.imread(index.parent / "sheet-000.png")
+    assert sheet.shape[:2] == (32 + 2, 4 * (32 + 2))
+    assert not (index.parent / "sheet-001.png").exists()  # set 1 mixes image shapes: no sheet
+    # The most confused pair inside set 0, with its count.
+    block = confusion[np.ix_(sets[0], sets[0])].copy()
+    np.fill_diagonal(block, 0)
+    a, b = np.unravel_index(np.argmax(block), block.shape)
+    row = f"<tr><td>{names[sets[0][a]]}</td><td>{names[sets[0][b]]}</td><td>{block[a, b]}</td>"
+    assert row in page
     stats = json.loads((index.parent / "summary.json").read_text(encoding="utf-8"))
     assert stats["uncovered_classes"] == 2
     assert stats["coverage_counts"] == {"0": 2, "1": 9, "2": 1}

@@ -36,7 +36,7 @@ def test_registry_and_unknown_name():
         create_model("vgg99", num_classes=3)
 
 
-@pytest.mark.parametrize("arch", ["resnet18", "compact_cnn"])
+@pytest.mark.parametrize("arch", ["resnet18", "compact_cnn", "glyph_cnn"])
 def test_small_input_models(arch):
     model = create_model(arch, num_classes=7, in_channels=1, image_size=28)
     assert classifier(model).out_features == 7
@@ -47,6 +47,21 @@ def test_small_input_models(arch):
         assert isinstance(model.maxpool, torch.nn.Identity)
         big = create_model(arch, num_classes=7, in_channels=3, image_size=224)
         assert big.conv1.kernel_size == (7, 7) and isinstance(big.maxpool, torch.nn.MaxPool2d)
+    if arch == "glyph_cnn":
+        # Keeps where things are: a 4×4 map flattened, not globally pooled; any input ≥ 16 px.
+        assert model(torch.randn(2, 1, 16, 16)).shape == (2, 7)
+        small = create_model(arch, num_classes=7, in_channels=1, image_size=16, width=8, hidden=32)
+        assert small.fc.in_features == 32 and small.features[-3].in_features == 4 * 8 * 16
+
+
+def test_glyph_cnn_sees_position():
+    """The flattened 4×4 map tells a pattern from the same pattern moved across the image."""
+    torch.manual_seed(0)
+    model = create_model("glyph_cnn", num_classes=3, in_channels=1, image_size=16, width=8, hidden=32).eval()
+    x = torch.zeros(1, 1, 16, 16)
+    x[..., 2:6, 2:6] = 1
+    shifted = torch.roll(x, shifts=(8, 8), dims=(2, 3))
+    assert not torch.allclose(model(x), model(shifted), atol=1e-4)
 
 
 def test_train_generalist_in_process(tiny_shards, tmp_path, cli):

@@ -16,9 +16,13 @@ def test_run_tiny_end_to_end(tmp_path, cli):
     assert code == 0, err
     for artifact in ["config.yaml", "generalist/model.safetensors", "generalist/model.json", "generalist/metrics.jsonl",
                      "covariance.npy", "clusters.json", "report/index.html", "specialists/000/model.safetensors",
-                     "specialists/002/model.json", "control/model.safetensors", "metrics.json", "stage_times.json"]:
+                     "specialists/002/model.json", "control/model.safetensors", "metrics.json", "stage_times.json",
+                     "stage_memory.json"]:
         assert (run / artifact).is_file(), artifact
     assert (tmp_path / "data/index.json").is_file()
+    memory = json.loads((run / "stage_memory.json").read_text())
+    assert set(memory) == set(json.loads((run / "stage_times.json").read_text()))
+    assert all(0.05 < gib < 16 for gib in memory.values())  # a real resident size, in GiB
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["split"] == "test" and metrics["num_examples"] == 120 and metrics["num_specialists"] == 3
     gen, ens = metrics["predictors"]["generalist"], metrics["predictors"]["ensemble"]
