@@ -64,9 +64,16 @@ def cluster_classes(
             (disjoint, covering every class; a cluster with fewer than 2 classes
             takes the classes nearest its centroid from clusters that can spare
             one, so every set has >= 2 classes and there are exactly M sets).
-            A number K: each specialist takes the K classes nearest its
-            centroid; sets may overlap and some classes may be left out (the
-            paper's JFT run: 61 specialists x 300 of 15,000 classes).
+            A number K: M sets of exactly K classes that may overlap (the
+            paper's JFT run: 61 specialists x 300 of 15,000 classes), filled
+            from the (class, centroid) pairs in order of distance: first every
+            class joins its nearest set with room, then the sets are topped up
+            with their nearest classes, no class joining more than
+            ceil(M K / C) sets. (Taking each centroid's K nearest classes
+            instead lets "hub" classes join nearly every set and leaves many
+            uncovered: on 1,000 typeface classes, 20 x 100, one class sat in
+            20 sets, 295 in none, and 41% of the val errors fell inside a set,
+            against 80% with this rule.)
         method: "faiss" (``faiss.Kmeans``, best of ``n_init`` restarts) or
             "minibatch" (scikit-learn ``MiniBatchKMeans`` fed batches of columns
             with ``partial_fit``: the paper's on-line k-means; best inertia of
@@ -100,7 +107,7 @@ def cluster_classes(
     if classes_per_specialist is None:
         sets = _disjoint_sets(distances)
     else:
-        sets = _nearest_sets(distances, classes_per_specialist)
+        sets = _balanced_sets(distances, classes_per_specialist)
     logger.info(
         "clustered %d classes into %d sets (method=%s, columns=%s, sizes %d..%d)",
         c, len(sets), method, columns, min(map(len, sets)), max(map(len, sets)),
@@ -360,14 +367,31 @@ def _disjoint_sets(distances: np.ndarray) -> list[list[int]]:
     return [sorted(int(i) for i in np.flatnonzero(labels == j)) for j in range(m)]
 
 
-def _nearest_sets(distances: np.ndarray, size: int) -> list[list[int]]:
-    """Each centroid's `size` nearest classes (sets may overlap)."""
-    c = distances.shape[0]
-    sets = []
-    for column in distances.T:  # (C,) distances to one centroid
-        if size < c:
-            nearest = np.argpartition(column, size - 1)[:size]
-        else:
-            nearest = np.arange(c)
-        sets.append(sorted(int(i) for i in nearest))
-    return sets
+def _balanced_sets(distances: np.ndarray, size: int) -> list[list[int]]:
+    """M overlapping sets of ``size`` classes: cover every class once, then top up, capped.
+
+    Pairs (class, centroid) are visited in order of distance, twice: the first pass puts each
+    class not yet in any set into the set with room nearest to it (all classes are covered when
+    M·size >= C); the second fills the remaining room with each set's nearest classes, a class
+    joining at most ceil(M·size / C) sets, so that no class can crowd into every set.
+    Every set ends with exactly ``size`` classes.
+    """
+    c, m = distances.shape
+    size = min(size, c)
+    cap = -(-m * size // c)
+    member = np.zeros((c, m), dtype=bool)
+    count = np.zeros(c, dtype=np.int64)
+    room = np.full(m, size, dtype=np.int64)
+    order = np.argsort(distances, axis=None, kind="stable")
+    rows, cols = np.divmod(order, m)
+    # The third pass, without the cap, only runs in corner cases (tiny C) where the cap left room.
+    for limit, cover_first in ((cap, True), (cap, False), (m, False)):
+        for i, j in zip(rows.tolist(), cols.tolist()):
+            if room[j] == 0 or member[i, j] or count[i] >= limit or (cover_first and count[i] > 0):
+                continue
+            member[i, j] = True
+            count[i] += 1
+            room[j] -= 1
+        if not room.any():
+            break
+    return [sorted(int(i) for i in np.flatnonzero(member[:, j])) for j in range(m)]

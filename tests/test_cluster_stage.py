@@ -158,7 +158,8 @@ def test_report_pages_and_files(clustered, tmp_path, monkeypatch, cli):
     for m, spec in enumerate(data["specialists"]):
         text = (clustered / f"report/specialist-{m:03d}.html").read_text()
         assert all(names[i] in text for i in spec["classes"])
-        assert text.count('class="strip"') == len(spec["classes"])
+        assert text.split("<h2>Classes</h2>")[1].count('class="strip"') == len(spec["classes"])
+        assert f'src="sheet-{m:03d}.png"' in text
 
 
 def test_read_examples_reads_only_what_it_needs(tiny_shards):

@@ -135,3 +135,33 @@ def test_errors_name_the_value():
         cluster_classes(cov, 2, columns="diag")
     with pytest.raises(ValueError, match="n_init=0"):
         cluster_classes(cov, 2, n_init=0)
+
+
+def test_fixed_size_sets_cover_every_class_and_cap_hubs():
+    """Overlapping sets: exact size, every class covered when M·K >= C, no class in more than
+    ceil(M·K / C) sets — even a "hub" class that is nearest to every centroid."""
+    from clustering.kmeans import _balanced_sets
+
+    rng = np.random.default_rng(0)
+    c, m, k = 50, 6, 12
+    distances = rng.uniform(1.0, 2.0, size=(c, m))
+    distances[7] = 0.01  # the hub: closest class of every centroid
+    sets = _balanced_sets(distances, k)
+    assert [len(s) for s in sets] == [k] * m and all(len(set(s)) == k for s in sets)
+    counts = np.bincount(np.concatenate(sets), minlength=c)
+    assert counts.min() >= 1 and counts.max() <= -(-m * k // c) == 2
+    assert counts[7] == 2  # the hub is capped, not in all 6 sets
+    # Each class's first set is the nearest one that still had room when it came up: the
+    # class nearest to a centroid overall sits in that centroid's set.
+    i, j = np.unravel_index(np.argsort(distances, axis=None)[1], distances.shape)
+    assert i in sets[j]
+
+
+def test_fixed_size_sets_on_planted_groups(planted):
+    groups, cov = planted  # 40 classes in 8 groups of 5
+    sets = cluster_classes(cov, 8, 6, seed=0)
+    counts = np.bincount(np.concatenate(sets), minlength=C)
+    assert counts.min() == 1 and counts.max() == 2  # 48 slots: everyone once, 8 twice
+    # Every planted group lies inside one set.
+    members = [set(np.flatnonzero(groups == g).tolist()) for g in range(GROUPS)]
+    assert all(any(g <= set(s) for s in sets) for g in members)
