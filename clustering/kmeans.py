@@ -386,7 +386,7 @@ def _balanced_sets(distances: np.ndarray, size: int) -> list[list[int]]:
     rows, cols = np.divmod(order, m)
     # The third pass, without the cap, only runs in corner cases (tiny C) where the cap left room.
     for limit, cover_first in ((cap, True), (cap, False), (m, False)):
-        for i, j in zip(rows.tolist(), cols.tolist()):
+        for i, j in zip(rows.tolist(), cols.tolist(), strict=True):
             if room[j] == 0 or member[i, j] or count[i] >= limit or (cover_first and count[i] > 0):
                 continue
             member[i, j] = True
