@@ -85,9 +85,18 @@ class ShardIndex:
         byclass = self.meta["byclass"]
         wanted: dict[int, int] = {}
         for c in classes:
-            for shard, n in byclass["classes"][c]:
+            for shard, n, *_ in byclass["classes"][c]:
                 wanted[shard] = wanted.get(shard, 0) + n
         return [(str(self.root / byclass["shards"][s]["name"]), n) for s, n in sorted(wanted.items())]
+
+    def byclass_ranges(self, c: int) -> list[tuple[str, int, int, int]] | None:
+        """(url, count, start, end) byte ranges of class ``c`` in the by-class shards; None for
+        shards prepared before ranges were recorded."""
+        byclass = self.meta["byclass"]
+        entries = byclass["classes"][c]
+        if any(len(e) < 4 for e in entries):
+            return None
+        return [(str(self.root / byclass["shards"][s]["name"]), n, start, end) for s, n, start, end in entries]
 
     def check_exists(self) -> None:
         for split in self.splits:

@@ -4,20 +4,22 @@ Every batch holds ``round(f · B)`` samples of the specialist's classes Sᵐ and
 from the other classes, each part in its natural proportions. The special part is read
 from the *by-class* shards that hold Sᵐ, so a specialist never scans the data set for
 its classes: one small stream per class (by-class shards are sorted by class, so a
-single stream would serve one class at a time), each sample's class drawn with the
-train split's class frequencies. The rest is read from the shuffled train shards with
+single stream would serve one class at a time) that reads only the byte range of its
+class's tar members, each sample's class drawn with the train split's class frequencies. The rest is read from the shuffled train shards with
 Sᵐ filtered out on the raw label, before any image is decoded. Every stream cycles
 forever with a reshuffle per pass; the caller takes as many batches as it trains for.
 """
 
 from __future__ import annotations
 
+import io
 import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 import webdataset as wds
+from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from .config import DataConfig
 from .data import ShardIndex, ToExample, _decode_pil, _raise_data_error, build_transform
@@ -47,6 +49,31 @@ def _cycle_shards(urls: list[str], rng: random.Random) -> Iterator[dict]:
         rng.shuffle(order)
         for url in order:
             yield {"url": url}
+
+
+def _cycle_ranges(ranges: list[tuple[str, int, int, int]], rng: random.Random) -> Iterator[dict]:
+    """One class's byte ranges of tar members forever, as in-memory tar streams."""
+    while True:
+        order = list(ranges)
+        rng.shuffle(order)
+        for url, _, start, end in order:
+            with open(url, "rb") as f:
+                f.seek(start)
+                data = f.read(end - start)
+            if len(data) != end - start:
+                raise DataError(f"{url}: shorter than the by-class range {start}:{end} in index.json; re-run prepare")
+            yield {"url": f"{url}#{start}:{end}", "stream": io.BytesIO(data)}
+
+
+def _range_pipeline(ranges, select: Callable, example: ToExample, buffer: int, rng: random.Random) -> Iterator:
+    return iter(wds.DataPipeline(
+        lambda: _cycle_ranges(ranges, rng),
+        lambda src: group_by_keys(tar_file_expander(src, handler=_raise_data_error), handler=_raise_data_error),
+        select,
+        wds.shuffle(buffer, initial=buffer, rng=rng),
+        wds.decode(_decode_pil, handler=_raise_data_error),
+        wds.map(example),
+    ))
 
 
 def _counting_select(keep: set[int] | None, drop: set[int] | None, stats: StreamStats, part: str) -> Callable:
@@ -107,8 +134,15 @@ class EnrichedStream(torch.utils.data.IterableDataset):
         rng = random.Random(hash((self.seed, worker, 5)))
         special_set = set(self.classes)
         per_class_buffer = max(1, min(self.buffer, 256))
-        special = {c: _pipeline(urls, _counting_select({c}, None, self.stats, "read_special"), self.example, per_class_buffer, rng)
-                   for c, urls in self.class_urls.items()}
+        special = {}
+        for c, urls in self.class_urls.items():
+            select = _counting_select({c}, None, self.stats, "read_special")
+            ranges = self.index.byclass_ranges(c)
+            if ranges is None:  # shards prepared before byte ranges were recorded: scan and filter
+                special[c] = _pipeline(urls, select, self.example, per_class_buffer, rng)
+            else:
+                count = sum(n for _, n, _, _ in ranges)
+                special[c] = _range_pipeline(ranges, select, self.example, max(1, min(per_class_buffer, count)), rng)
         rest = _pipeline(self.rest_urls, _counting_select(None, special_set, self.stats, "read_rest"), self.example, self.buffer, rng)
         flags = torch.zeros(self.batch_size, dtype=torch.bool)
         flags[: self.num_special] = True

@@ -1,3 +1,4 @@
+import io
 import json
 import math
 import shutil
@@ -176,18 +177,41 @@ def test_enriched_stream_fraction_labels_and_reads(tiny_shards):
     special_shards = {u for urls in stream.class_urls.values() for u in urls}
     assert special_shards == {u for u, _ in index.byclass_shards(classes)}
     assert len(special_shards) < len(index.meta["byclass"]["shards"])
-    # reads vs use, from the index. A class stream reads whole by-class shards, so it also reads
-    # its neighbours in shared shards; the rest discards Sᵐ samples (π = 1/3): 5000 / (2/3) reads.
-    byclass = index.meta["byclass"]
-    shard_sizes = [s["count"] for s in byclass["shards"]]
+    # reads vs use, from the index. A class stream reads only its class's byte range, so the
+    # special part reads what it uses plus each class's shuffle buffer (≤ its count, ≤ 64 here);
+    # the rest discards Sᵐ samples (π = 1/3): 5000 / (2/3) reads.
     train_counts = index.class_counts("train")
-    expected_special = sum(counts[c] * sum(shard_sizes[s] for s, _ in byclass["classes"][c]) / train_counts[c]
-                           for c in classes)
+    buffers = sum(min(64, int(train_counts[c])) for c in classes)
     assert stream.stats.used == 10_000
-    assert expected_special * 0.95 < stream.stats.read_special < expected_special + 4 * (64 + 2 * 50)
+    assert 5000 <= stream.stats.read_special <= 5000 + buffers
     assert 7500 * 0.95 < stream.stats.read_rest < 7500 + 64 + 2 * 50
     # filtering the train split for Sᵐ instead would read 5000 / π = 15,000 samples for the special part
-    assert stream.stats.read_special < 0.75 * 15_000
+    assert stream.stats.read_special < 0.4 * 15_000
+
+
+def test_enriched_stream_byte_ranges_and_the_scan_fallback(tiny_shards, monkeypatch):
+    """The recorded byte ranges hold exactly one class's samples; shards prepared without them
+    are scanned and filtered instead, with the same labels coming out."""
+    import webdataset as wds
+
+    index = ShardIndex.load(tiny_shards)
+    for c in (0, 5, 11):
+        got = []
+        for url, n, start, end in index.byclass_ranges(c):
+            with open(url, "rb") as f:
+                f.seek(start)
+                stream = io.BytesIO(f.read(end - start))
+            labels = [int(smp["cls"]) for smp in wds.tariterators.group_by_keys(
+                wds.tariterators.tar_file_expander([{"url": url, "stream": stream}]))]
+            assert len(labels) == n
+            got += labels
+        assert got == [c] * int(index.class_counts("train")[c])
+    cfg = DataConfig(image_size=16, channels=1, mean=(0.5,), std=(0.25,), augment="none", shuffle_buffer=64)
+    monkeypatch.setattr(ShardIndex, "byclass_ranges", lambda self, c: None)
+    stream = EnrichedStream(index, cfg, [4, 5], special_fraction=0.5, batch_size=50, seed=0)
+    _, y, special = next(iter(stream))
+    assert set(y[special].tolist()) <= {4, 5} and not set(y[~special].tolist()) & {4, 5}
+    assert stream.stats.read_special > 25  # scanning reads the neighbours too
 
 
 def test_enriched_stream_rejects_bad_sets(tiny_shards):

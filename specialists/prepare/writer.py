@@ -45,11 +45,13 @@ def array_records(prefix: str, images: np.ndarray, labels: np.ndarray) -> list[R
 
 
 def write_shards(
-    out_dir: Path, pattern: str, records: Sequence[Record], shard_size: int, *, desc: str
+    out_dir: Path, pattern: str, records: Sequence[Record], shard_size: int, *, desc: str,
+    ranges: list[tuple[int, int]] | None = None,
 ) -> list[dict]:
     """Write ``records`` in order into ``pattern % i`` shards of at most ``shard_size`` samples.
 
-    Returns one ``{"name", "count"}`` entry per shard, in order.
+    Returns one ``{"name", "count"}`` entry per shard, in order. With ``ranges``, appends each
+    record's byte range ``(start, end)`` of tar members within its shard.
     """
     shards: list[dict] = []
     for start in progress(range(0, len(records), shard_size), desc=desc, unit="shard", leave=False):
@@ -59,7 +61,10 @@ def write_shards(
         # to read) and the shards byte-reproducible.
         with wds.TarWriter(str(out_dir / name), mtime=0) as sink:
             for rec in chunk:
+                start = sink.tarstream.offset
                 sink.write({"__key__": rec.key, rec.ext: rec.data(), "cls": str(rec.label).encode()})
+                if ranges is not None:
+                    ranges.append((start, sink.tarstream.offset))
         shards.append({"name": name, "count": len(chunk)})
     return shards
 
@@ -75,16 +80,20 @@ def write_by_class(out_dir: Path, records: Sequence[Record], num_classes: int, s
     """Write the train split again, sorted by class, so a specialist can read only its classes.
 
     A class's samples are contiguous: they fill part of one shard or span a few.
-    The index maps each class to ``[[shard_number, count], ...]``.
+    The index maps each class to ``[[shard_number, count, start, end], ...]``: ``start:end`` is
+    the byte range of the class's tar members in that shard, so a reader can seek straight to
+    a class instead of scanning the shard (small classes share a shard with hundreds of others).
     """
     ordered = sorted(records, key=lambda r: r.label)  # stable: keeps the shuffled order within a class
-    shards = write_shards(out_dir, "byclass-%06d.tar", ordered, shard_size, desc="by-class")
+    ranges: list[tuple[int, int]] = []
+    shards = write_shards(out_dir, "byclass-%06d.tar", ordered, shard_size, desc="by-class", ranges=ranges)
     classes: list[list[list[int]]] = [[] for _ in range(num_classes)]
-    for position, rec in enumerate(ordered):
+    for position, (rec, (start, end)) in enumerate(zip(ordered, ranges, strict=True)):
         shard = position // shard_size
         entries = classes[rec.label]
         if entries and entries[-1][0] == shard:
             entries[-1][1] += 1
+            entries[-1][3] = end
         else:
-            entries.append([shard, 1])
+            entries.append([shard, 1, start, end])
     return {"shards": shards, "classes": classes}
