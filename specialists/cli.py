@@ -114,7 +114,7 @@ def cmd_train_specialists(args: argparse.Namespace) -> int:
             only = [int(v) for v in args.only.split(",") if v.strip()]
         except ValueError:
             raise UserError(f"--only {args.only!r}: expected comma-separated specialist ids, e.g. 0,3") from None
-    for path in train_specialists(_load(args), only=only, force=args.force):
+    for path in train_specialists(_load(args), only=only, force=args.force, refit=args.refit_bias):
         print(path)
     return 0
 
@@ -238,6 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(p)
     p.add_argument("--only", help="comma-separated specialist ids to train, e.g. 0,3")
     p.add_argument("--force", action="store_true", help="retrain even finished specialists")
+    p.add_argument("--refit-bias", action="store_true",
+                   help="only refit the dustbin bias/temperature of finished specialists on val (sidecars rewritten)")
     p.set_defaults(func=cmd_train_specialists)
 
     p = sub.add_parser("evaluate", help="generalist vs ensemble on the test split (works under accelerate launch)",

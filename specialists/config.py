@@ -114,7 +114,7 @@ class ClusteringConfig:
 class SpecialistsConfig:
     head: str = "dustbin"  # dustbin | full
     special_fraction: float = 0.5  # f: share of each batch drawn from the specialist's classes
-    bias: str = "prior"  # prior | fit | none
+    bias: str = "prior"  # prior | fit (all of val) | routed (val images routed to it) | none
     steps: int = 500
     lr: float = 0.01
     optimizer: str = "sgd"
@@ -130,7 +130,7 @@ class SpecialistsConfig:
 @dataclass(frozen=True)
 class InferenceConfig:
     top_n: int = 1  # generalist's top-n classes used for routing
-    bias: str = "trained"  # dustbin correction at inference: trained (sidecar) | prior | fit | none
+    bias: str = "trained"  # dustbin correction at inference: trained (sidecar) | prior | fit | routed | none
     solver: str = "em"  # em | gradient
     tol: float = 1e-7
     max_iter: int = 100
@@ -300,10 +300,10 @@ def _check_values(cfg: RunConfig, label: str) -> None:
         "clustering.columns": (cfg.clustering.columns, ("raw", "zero_diagonal", "correlation")),
         "clustering.split": (cfg.clustering.split, ("train", "val", "test")),
         "specialists.head": (cfg.specialists.head, ("dustbin", "full")),
-        "specialists.bias": (cfg.specialists.bias, ("prior", "fit", "none")),
+        "specialists.bias": (cfg.specialists.bias, ("prior", "fit", "routed", "none")),
         "specialists.optimizer": (cfg.specialists.optimizer, ("sgd", "adamw")),
         "inference.solver": (cfg.inference.solver, ("em", "gradient")),
-        "inference.bias": (cfg.inference.bias, ("trained", "prior", "fit", "none")),
+        "inference.bias": (cfg.inference.bias, ("trained", "prior", "fit", "routed", "none")),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:

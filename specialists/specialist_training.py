@@ -19,13 +19,13 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from .bias import dustbin_bias
-from .checkpoints import load_model, save_model
+from .checkpoints import load_model, save_model, sidecar_path
 from .config import RunConfig
 from .data import ShardIndex, load_split, normalize
 from .enriched import EnrichedStream, enriched_loader
 from .errors import UserError
 from .generalist import check_shards, generalist_weights
-from .io import atomic_write_bytes
+from .io import atomic_write_bytes, atomic_write_json
 from .progress import progress
 from .surgery import collapse_logits, make_specialist, map_labels, penultimate_features
 from .training import build_optimizer, resolve_mixed_precision, warmup_cosine
@@ -102,6 +102,34 @@ def fit_bias_and_temperature(logits: torch.Tensor, targets: torch.Tensor) -> tup
 
     opt.step(closure)
     return float(b.detach()), float(log_t.detach().exp())
+
+
+def routed_mask(general_logits: torch.Tensor, classes: list[int], top_n: int) -> torch.Tensor:
+    """(N,) bool: images the ensemble routes to this specialist (a class of Sᵐ in the generalist's top-n)."""
+    top = general_logits.topk(min(top_n, general_logits.shape[1]), dim=1).indices
+    return torch.isin(top, torch.tensor(classes)).any(dim=1)
+
+
+MIN_ROUTED = 50  # fewer routed val images than this: the routed fit falls back to all of val
+
+
+def dustbin_fits(val_logits: torch.Tensor, ctx: Context, classes: list[int]) -> dict[str, float]:
+    """Dustbin bias and temperature fitted on val two ways (sidecar fields).
+
+    ``fitted_*``: on every val image — the natural distribution, as the prior formula assumes.
+    ``routed_*``: on the val images the ensemble routes to this specialist (inference.top_n) —
+    the distribution it really sees: most of those images *are* of Sᵐ, so the natural-distribution
+    fit over-weights the dustbin there (measured on typefaces; docs/RESULTS.md).
+    """
+    targets = map_labels(ctx.val_labels, classes, ctx.index.num_classes)
+    fitted_bias, fitted_t = fit_bias_and_temperature(val_logits, targets)
+    mask = routed_mask(ctx.val_logits, classes, ctx.cfg.inference.top_n)
+    if int(mask.sum()) >= MIN_ROUTED:
+        routed_bias, routed_t = fit_bias_and_temperature(val_logits[mask], targets[mask])
+    else:
+        routed_bias, routed_t = fitted_bias, fitted_t
+    return {"fitted_bias": fitted_bias, "fitted_temperature": fitted_t, "routed_bias": routed_bias,
+            "routed_temperature": routed_t, "routed_top_n": ctx.cfg.inference.top_n, "routed_val_images": int(mask.sum())}
 
 
 def specialist_loss(logits: torch.Tensor, general_logits: torch.Tensor | None, labels: torch.Tensor,
@@ -199,9 +227,10 @@ def train_one(ctx: Context, m: int, classes: list[int], *, rank: int, world: int
     val_logits = _run_batches(model, ctx.val_images, ctx)
     if full_head:
         val_logits = collapse_logits(val_logits, classes)
-    fitted_bias, fitted_t = fit_bias_and_temperature(val_logits, map_labels(ctx.val_labels, classes, ctx.index.num_classes))
+    fits = dustbin_fits(val_logits, ctx, classes)
     prior_bias = dustbin_bias(prior, scfg.special_fraction)
-    bias, temperature = {"prior": (prior_bias, 1.0), "fit": (fitted_bias, fitted_t), "none": (0.0, 1.0)}[scfg.bias]
+    bias, temperature = {"prior": (prior_bias, 1.0), "fit": (fits["fitted_bias"], fits["fitted_temperature"]),
+                         "routed": (fits["routed_bias"], fits["routed_temperature"]), "none": (0.0, 1.0)}[scfg.bias]
     gmeta = ctx.generalist_meta
     meta = {
         "role": "specialist", "id": m, "classes": classes, "class_names": [ctx.index.class_names[c] for c in classes],
@@ -209,7 +238,7 @@ def train_one(ctx: Context, m: int, classes: list[int], *, rank: int, world: int
         "num_outputs": ctx.index.num_classes if full_head else len(classes) + 1, "num_classes": ctx.index.num_classes,
         "in_channels": gmeta["in_channels"], "image_size": gmeta["image_size"], "mean": gmeta["mean"], "std": gmeta["std"],
         "dustbin_bias": bias, "temperature": temperature, "bias_method": scfg.bias,
-        "prior_bias": prior_bias, "fitted_bias": fitted_bias, "fitted_temperature": fitted_t,
+        "prior_bias": prior_bias, **fits,
         "special_fraction": scfg.special_fraction, "special_fraction_in_data": prior,
         "soft_target_weight": scfg.soft_target_weight, "soft_target_temperature": scfg.temperature,
         "steps": scfg.steps, "lr": scfg.lr, "source_generalist": gmeta.get("sha256"),
@@ -246,8 +275,28 @@ def build_context(cfg: RunConfig, accelerator: Accelerator) -> Context:
     return ctx
 
 
-def train_specialists(cfg: RunConfig, *, only: list[int] | None = None, force: bool = False) -> list[Path]:
-    """Train every specialist of ``clusters.json`` (or ``only`` those ids) not trained yet."""
+def refit_dustbin(ctx: Context, path: Path, classes: list[int]) -> None:
+    """Recompute a finished specialist's val fits (``dustbin_fits``) and rewrite its sidecar;
+    the weights are not touched. For specialists trained before a fit existed or under another
+    ``inference.top_n``."""
+    model, meta = load_model(path, device=ctx.device)
+    logits = _run_batches(model.eval(), ctx.val_images, ctx)
+    if meta.get("head") == "full":
+        logits = collapse_logits(logits, classes)
+    meta.update(dustbin_fits(logits, ctx, classes))
+    if meta.get("bias_method") in ("fit", "routed"):
+        kind = "fitted" if meta["bias_method"] == "fit" else "routed"
+        meta["dustbin_bias"], meta["temperature"] = meta[f"{kind}_bias"], meta[f"{kind}_temperature"]
+    atomic_write_json(sidecar_path(path), meta)
+    log.info("specialist at %s: routed bias %.3f, T %.2f on %d val images (all of val: %.3f, %.2f)", path,
+             meta["routed_bias"], meta["routed_temperature"], meta["routed_val_images"], meta["fitted_bias"],
+             meta["fitted_temperature"])
+
+
+def train_specialists(cfg: RunConfig, *, only: list[int] | None = None, force: bool = False,
+                      refit: bool = False) -> list[Path]:
+    """Train every specialist of ``clusters.json`` (or ``only`` those ids) not trained yet; with
+    ``refit``, only refit the dustbin corrections of finished ones."""
     from .cluster import load_clusters
 
     scfg = cfg.specialists
@@ -267,7 +316,11 @@ def train_specialists(cfg: RunConfig, *, only: list[int] | None = None, force: b
         if m % world != rank or (only is not None and m not in only):
             continue
         path = specialist_weights(cfg, m)
-        if path.is_file() and not force:
+        if refit:
+            if not path.is_file():
+                raise UserError(f"{path}: specialist {m} is not trained; --refit-bias needs finished specialists")
+            refit_dustbin(ctx, path, list(classes))
+        elif path.is_file() and not force:
             log.info("specialist %d already trained: %s", m, path)
         else:
             if force:

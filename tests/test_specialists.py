@@ -256,6 +256,37 @@ def test_train_specialists_stage(tiny_shards, tiny_generalist, tmp_path, cli):
     stamp = (run / "specialists/000/model.safetensors").stat().st_mtime_ns
     code, _, _ = cli("train-specialists", *args, "--only", "0")
     assert code == 0 and (run / "specialists/000/model.safetensors").stat().st_mtime_ns == stamp
+    # --refit-bias rewrites the val fits for another top-n and leaves the weights alone
+    before = read_sidecar(run / "specialists/000/model.safetensors")
+    assert before["routed_top_n"] == 1
+    code, _, err = cli("train-specialists", *args, "--refit-bias", "--set", "inference.top_n=3")
+    assert code == 0, err
+    after = read_sidecar(run / "specialists/000/model.safetensors")
+    assert (run / "specialists/000/model.safetensors").stat().st_mtime_ns == stamp
+    assert after["sha256"] == before["sha256"] and after["routed_top_n"] == 3
+    assert after["routed_val_images"] >= before["routed_val_images"]  # top-3 routes more images
+    assert after["fitted_bias"] == pytest.approx(before["fitted_bias"], abs=1e-6)
+
+
+def test_routed_fit_lowers_the_dustbin_on_images_routed_to_the_specialist():
+    """A specialist asked only about images the generalist places in its set should see its
+    dustbin rarely: the routed fit (on those images) gives a lower bias than the fit on all."""
+    from specialists.specialist_training import fit_bias_and_temperature, routed_mask
+
+    torch.manual_seed(0)
+    n, classes = 6000, [0, 1]
+    labels = torch.randint(0, 10, (n,))
+    general = torch.randn(n, 10)
+    general[torch.arange(n), labels] += 4.0  # a good generalist
+    routed = routed_mask(general, classes, top_n=1)
+    assert routed.float().mean() < 0.35 and torch.isin(labels[routed], torch.tensor(classes)).float().mean() > 0.9
+    targets = torch.where(labels == 0, 0, torch.where(labels == 1, 1, 2))  # set + dustbin
+    spec = torch.randn(n, 3)
+    spec[torch.arange(n), targets] += 2.0
+    spec[:, 2] -= 1.0  # trained at f = 1/2: dustbin under-predicted on the natural mix
+    b_all, _ = fit_bias_and_temperature(spec, targets)
+    b_routed, _ = fit_bias_and_temperature(spec[routed], targets[routed])
+    assert b_all > 0.5 and b_routed < b_all - 1.0
 
 
 def test_specialist_is_better_than_chance_within_its_set(tiny_shards, tiny_generalist, tmp_path):
@@ -346,3 +377,19 @@ def test_distributed_specialists_two_processes(tiny_shards, tiny_generalist, tmp
         assert meta["trained_by_rank"] == m % 2
         assert meta["classes"] == GROUPS[m]
     assert json.loads((run / "clusters.json").read_text())["specialists"][3]["classes"] == [1, 5, 9]
+
+
+def test_dustbin_correction_choices():
+    from specialists.ensemble import dustbin_correction
+    from specialists.errors import UserError
+
+    meta = {"id": 3, "dustbin_bias": 0.7, "temperature": 0.9, "prior_bias": 2.2, "fitted_bias": 1.5,
+            "fitted_temperature": 0.8, "routed_bias": -1.8, "routed_temperature": 0.95}
+    assert dustbin_correction(meta, "trained") == (0.7, 0.9)
+    assert dustbin_correction(meta, "prior") == (2.2, 1.0)
+    assert dustbin_correction(meta, "fit") == (1.5, 0.8)
+    assert dustbin_correction(meta, "routed") == (-1.8, 0.95)
+    assert dustbin_correction(meta, "none") == (0.0, 1.0)
+    old = {k: v for k, v in meta.items() if not k.startswith("routed")}
+    with pytest.raises(UserError, match="specialist 3: .*--refit-bias"):
+        dustbin_correction(old, "routed")
