@@ -29,10 +29,10 @@ def specialists_cmd(*args: str) -> list[str]:
 
 
 def test_registry_and_unknown_name():
-    assert {"compact_cnn", "resnet18", "resnet50"} <= set(list_models())
+    assert {"compact_cnn", "glyph_cnn", "resnet18", "resnet50"} <= set(list_models())
     from specialists.errors import UserError
 
-    with pytest.raises(UserError, match=r"unknown architecture 'vgg99' \(known: compact_cnn, resnet18"):
+    with pytest.raises(UserError, match=r"unknown architecture 'vgg99' \(known: compact_cnn, glyph_cnn, resnet18"):
         create_model("vgg99", num_classes=3)
 
 
