@@ -255,7 +255,6 @@ def _write_pages(
 
 def _write_strips(root: Path, examples: dict[int, np.ndarray], classes: list[int]) -> dict[int, str]:
     """One PNG per class with up to EXAMPLES_PER_CLASS examples side by side."""
-    import matplotlib.pyplot as plt
 
     paths = {}
     if not examples:
@@ -270,11 +269,18 @@ def _write_strips(root: Path, examples: dict[int, np.ndarray], classes: list[int
         gap = np.full((images.shape[1], 2) + images.shape[3:], 255, dtype=np.uint8)
         strip = np.concatenate([part for img in images for part in (img, gap)][:-1], axis=1)
         paths[i] = f"strips/class-{i:05d}.png"
-        if strip.ndim == 2:
-            plt.imsave(root / paths[i], strip, cmap="gray", vmin=0, vmax=255)
-        else:
-            plt.imsave(root / paths[i], strip)
+        _save_image(root / paths[i], strip)
     return paths
+
+
+def _save_image(path: Path, image: np.ndarray) -> None:
+    """uint8 (H, W) grey or (H, W, 3) colour → PNG, grey kept on its 0..255 scale."""
+    import matplotlib.pyplot as plt
+
+    if image.ndim == 2:
+        plt.imsave(path, image, cmap="gray", vmin=0, vmax=255)
+    else:
+        plt.imsave(path, image)
 
 
 SHEET_COLUMNS = 25  # glyph sheet: one example per class, this many to a row
@@ -284,7 +290,6 @@ TOP_PAIRS = 12  # most-confused pairs listed per specialist page
 def _write_sheet(root: Path, m: int, s: np.ndarray, examples: dict[int, np.ndarray]) -> str | None:
     """One image with the first example of every class of set ``m``, in the set's order, so a
     reader sees the kind of shapes a specialist holds at a glance."""
-    import matplotlib.pyplot as plt
 
     firsts = [examples[i][0] for i in s if i in examples and len(examples[i])]
     if not firsts or any(f.shape != firsts[0].shape for f in firsts):
@@ -300,10 +305,7 @@ def _write_sheet(root: Path, m: int, s: np.ndarray, examples: dict[int, np.ndarr
         r, c = divmod(k, cols)
         sheet[r * (h + 2) : r * (h + 2) + h, c * (w + 2) : c * (w + 2) + w] = img
     path = f"sheet-{m:03d}.png"
-    if sheet.ndim == 2:
-        plt.imsave(root / path, sheet, cmap="gray", vmin=0, vmax=255)
-    else:
-        plt.imsave(root / path, sheet)
+    _save_image(root / path, sheet)
     return path
 
 

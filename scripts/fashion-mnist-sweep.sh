@@ -9,25 +9,13 @@ RUN=${1:-runs/fashion-mnist/seed-1}
 OUT=${2:-runs/fm-sweep}
 C="--config configs/fashion-mnist.yaml"
 S=${SPECIALISTS:-.venv/bin/specialists}
-mkdir -p "$OUT"
-TSV="$OUT/sweep.tsv"
-[ -e "$TSV" ] || printf 'variant\tsettings\tval_generalist\tval_ensemble\tchange\tb\tc\tp\n' > "$TSV"
-
-row() {  # name, settings, metrics.json
-  python3 - "$1" "$2" "$3" >> "$TSV" <<'PY'
-import json, sys
-name, settings, path = sys.argv[1:]
-m = json.load(open(path))["predictors"]
-g, e = m["generalist"], m["ensemble"]
-mc = e["vs_generalist"]["mcnemar"]
-print(f"{name}\t{settings}\t{g['correct']}\t{e['correct']}\t{e['correct'] - g['correct']:+d}\t{mc['b']}\t{mc['c']}\t{mc['p_value']:.3f}")
-PY
-}
+. "$(dirname "$0")/sweep-lib.sh"
+sweep_init "$OUT"
 
 variant() {  # name, overrides... (clustering.* overrides recluster in the variant's directory)
   local name=$1; shift
   local dir="$OUT/$name"
-  grep -q "^$name	" "$TSV" && return 0
+  sweep_done "$name" && return 0
   mkdir -p "$dir"
   [ -e "$dir/generalist" ] || cp -r "$RUN/generalist" "$dir/generalist"
   if [[ "$*" == *clustering.* ]]; then
@@ -38,7 +26,7 @@ variant() {  # name, overrides... (clustering.* overrides recluster in the varia
   $S train-specialists $C --set run_dir="$dir" "$@"
   $S evaluate $C --set run_dir="$dir" --set inference.control=false --split val "$@" > "$dir/val.txt"
   cp "$dir/metrics.json" "$dir/val.json"
-  row "$name" "$*" "$dir/val.json"
+  sweep_row "$name" "$*" "$dir/val.json"
 }
 
 variant default
@@ -54,10 +42,10 @@ variant m4-overlap-k4   --set clustering.num_specialists=4 --set clustering.clas
 # top-n routing only changes inference: reuse the default specialists.
 for n in 2 3; do
   name=top-$n
-  grep -q "^$name	" "$TSV" && continue
+  sweep_done "$name" && continue
   $S evaluate $C --set run_dir="$OUT/default" --set inference.control=false --set inference.top_n=$n \
      --split val > "$OUT/default/val-top-$n.txt"
   cp "$OUT/default/metrics.json" "$OUT/default/val-top-$n.json"
-  row "$name" "--set inference.top_n=$n" "$OUT/default/val-top-$n.json"
+  sweep_row "$name" "--set inference.top_n=$n" "$OUT/default/val-top-$n.json"
 done
 column -t -s $'\t' "$TSV"

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 import webdataset as wds
-from webdataset.tariterators import group_by_keys, tar_file_expander
+from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
 
 from .config import DataConfig
 from .data import ShardIndex, ToExample, _decode_pil, _raise_data_error, build_transform
@@ -65,17 +65,6 @@ def _cycle_ranges(ranges: list[tuple[str, int, int, int]], rng: random.Random) -
             yield {"url": f"{url}#{start}:{end}", "stream": io.BytesIO(data)}
 
 
-def _range_pipeline(ranges, select: Callable, example: ToExample, buffer: int, rng: random.Random) -> Iterator:
-    return iter(wds.DataPipeline(
-        lambda: _cycle_ranges(ranges, rng),
-        lambda src: group_by_keys(tar_file_expander(src, handler=_raise_data_error), handler=_raise_data_error),
-        select,
-        wds.shuffle(buffer, initial=buffer, rng=rng),
-        wds.decode(_decode_pil, handler=_raise_data_error),
-        wds.map(example),
-    ))
-
-
 def _counting_select(keep: set[int] | None, drop: set[int] | None, stats: StreamStats, part: str) -> Callable:
     def stage(src):
         for sample in src:
@@ -87,15 +76,28 @@ def _counting_select(keep: set[int] | None, drop: set[int] | None, stats: Stream
     return stage
 
 
-def _pipeline(urls: list[str], select: Callable, example: ToExample, buffer: int, rng: random.Random) -> Iterator:
+def _tar_samples(streams: Iterator[dict]) -> Iterator[dict]:
+    """Samples of opened tar streams ({"url", "stream"} dicts), grouped by key."""
+    return group_by_keys(tar_file_expander(streams, handler=_raise_data_error), handler=_raise_data_error)
+
+
+def _pipeline(samples: Callable[[], Iterator[dict]], select: Callable, example: ToExample, buffer: int,
+              initial: int, rng: random.Random) -> Iterator:
     return iter(wds.DataPipeline(
-        lambda: _cycle_shards(urls, rng),
-        wds.tarfile_to_samples(handler=_raise_data_error),
+        samples,
         select,
-        wds.shuffle(buffer, initial=min(buffer, 100), rng=rng),
+        wds.shuffle(buffer, initial=initial, rng=rng),
         wds.decode(_decode_pil, handler=_raise_data_error),
         wds.map(example),
     ))
+
+
+def _shard_samples(urls: list[str], rng: random.Random) -> Callable[[], Iterator[dict]]:
+    return lambda: _tar_samples(url_opener(_cycle_shards(urls, rng), handler=_raise_data_error))
+
+
+def _range_samples(ranges: list[tuple[str, int, int, int]], rng: random.Random) -> Callable[[], Iterator[dict]]:
+    return lambda: _tar_samples(_cycle_ranges(ranges, rng))
 
 
 class EnrichedStream(torch.utils.data.IterableDataset):
@@ -139,11 +141,13 @@ class EnrichedStream(torch.utils.data.IterableDataset):
             select = _counting_select({c}, None, self.stats, "read_special")
             ranges = self.index.byclass_ranges(c)
             if ranges is None:  # shards prepared before byte ranges were recorded: scan and filter
-                special[c] = _pipeline(urls, select, self.example, per_class_buffer, rng)
+                special[c] = _pipeline(_shard_samples(urls, rng), select, self.example, per_class_buffer,
+                                       min(per_class_buffer, 100), rng)
             else:
-                count = sum(n for _, n, _, _ in ranges)
-                special[c] = _range_pipeline(ranges, select, self.example, max(1, min(per_class_buffer, count)), rng)
-        rest = _pipeline(self.rest_urls, _counting_select(None, special_set, self.stats, "read_rest"), self.example, self.buffer, rng)
+                buffer = max(1, min(per_class_buffer, sum(n for _, n, _, _ in ranges)))
+                special[c] = _pipeline(_range_samples(ranges, rng), select, self.example, buffer, buffer, rng)
+        rest = _pipeline(_shard_samples(self.rest_urls, rng), _counting_select(None, special_set, self.stats, "read_rest"),
+                         self.example, self.buffer, min(self.buffer, 100), rng)
         flags = torch.zeros(self.batch_size, dtype=torch.bool)
         flags[: self.num_special] = True
         while True:

@@ -17,6 +17,7 @@ import torch
 
 from inference import EnsembleEngine
 
+from .bias import dustbin_correction
 from .checkpoints import load_model, read_sidecar
 from .cluster import Clusters, clusters_path, load_clusters
 from .config import RunConfig
@@ -91,24 +92,6 @@ def load_ensemble(cfg: RunConfig, device: str | torch.device = "cpu") -> LoadedE
         amp=amp, channels_last=cfg.generalist.channels_last,
     )
     return LoadedEnsemble(engine, list(clusters.class_names), clusters, gen_path, gen_meta, paths, metas)
-
-
-def dustbin_correction(meta: dict[str, Any], choice: str) -> tuple[float, float]:
-    """(dustbin bias, temperature) for a specialist: as trained (``"trained"``: the sidecar's
-    choice), the prior-shift formula, the values fitted on all of val or on the val images routed
-    to the specialist, or no correction."""
-    if choice == "trained":
-        return float(meta["dustbin_bias"]), float(meta.get("temperature", 1.0))
-    if choice == "prior":
-        return float(meta["prior_bias"]), 1.0
-    if choice == "fit":
-        return float(meta["fitted_bias"]), float(meta["fitted_temperature"])
-    if choice == "routed":
-        if "routed_bias" not in meta:
-            raise UserError(f"specialist {meta.get('id')}: its sidecar has no routed fit (trained before it existed); "
-                            "run `specialists train-specialists --refit-bias`")
-        return float(meta["routed_bias"]), float(meta["routed_temperature"])
-    return 0.0, 1.0
 
 
 def _load_clusters(run_dir: Path, gen_path: Path, num_classes: int, names: list[str] | None) -> Clusters:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from .bias import dustbin_bias
+from .bias import dustbin_bias, dustbin_correction
 from .checkpoints import load_model, save_model, sidecar_path
 from .config import RunConfig
 from .data import ShardIndex, load_split, normalize
@@ -229,8 +229,7 @@ def train_one(ctx: Context, m: int, classes: list[int], *, rank: int, world: int
         val_logits = collapse_logits(val_logits, classes)
     fits = dustbin_fits(val_logits, ctx, classes)
     prior_bias = dustbin_bias(prior, scfg.special_fraction)
-    bias, temperature = {"prior": (prior_bias, 1.0), "fit": (fits["fitted_bias"], fits["fitted_temperature"]),
-                         "routed": (fits["routed_bias"], fits["routed_temperature"]), "none": (0.0, 1.0)}[scfg.bias]
+    bias, temperature = dustbin_correction({"prior_bias": prior_bias, **fits}, scfg.bias)
     gmeta = ctx.generalist_meta
     meta = {
         "role": "specialist", "id": m, "classes": classes, "class_names": [ctx.index.class_names[c] for c in classes],
@@ -284,9 +283,7 @@ def refit_dustbin(ctx: Context, path: Path, classes: list[int]) -> None:
     if meta.get("head") == "full":
         logits = collapse_logits(logits, classes)
     meta.update(dustbin_fits(logits, ctx, classes))
-    if meta.get("bias_method") in ("fit", "routed"):
-        kind = "fitted" if meta["bias_method"] == "fit" else "routed"
-        meta["dustbin_bias"], meta["temperature"] = meta[f"{kind}_bias"], meta[f"{kind}_temperature"]
+    meta["dustbin_bias"], meta["temperature"] = dustbin_correction(meta, meta.get("bias_method", "trained"))
     atomic_write_json(sidecar_path(path), meta)
     log.info("specialist at %s: routed bias %.3f, T %.2f on %d val images (all of val: %.3f, %.2f)", path,
              meta["routed_bias"], meta["routed_temperature"], meta["routed_val_images"], meta["fitted_bias"],

@@ -222,7 +222,7 @@ def split_faces(faces: Sequence[Face], cfg: TypefacesConfig) -> Split:
     for role, members in split.items():
         if not members:
             raise DataError(f"typefaces: no {role} typeface (installed designs: {', '.join(sorted(designs)) or 'none'}; "
-                            "scripts/setup.sh installs the Debian CJK font packages)")
+                            "scripts/install-fonts.sh installs the Debian CJK font packages)")
     return split
 
 
@@ -247,15 +247,13 @@ def render_glyph(
     big = size * supersample
     canvas = Image.new("L", (big, big), 0)
     draw = ImageDraw.Draw(canvas)
-    cx = cy = big / 2
-    if rng is not None:
-        d = distortion
-        cx += rng.uniform(-0.06, 0.06) * d * big
-        cy += rng.uniform(-0.06, 0.06) * d * big
-    draw.text((cx, cy), char, fill=255, font=font, anchor="mm")
     if rng is None:
+        draw.text((big / 2, big / 2), char, fill=255, font=font, anchor="mm")
         return np.asarray(canvas.resize((size, size), Image.Resampling.BOX))
     d = distortion
+    cx = big / 2 + rng.uniform(-0.06, 0.06) * d * big
+    cy = big / 2 + rng.uniform(-0.06, 0.06) * d * big
+    draw.text((cx, cy), char, fill=255, font=font, anchor="mm")
     scale = 1.0 + rng.uniform(-0.08, 0.06) * d
     angle = np.deg2rad(rng.uniform(-5, 5) * d)
     shear = rng.uniform(-0.12, 0.12) * d
@@ -293,6 +291,7 @@ class _Task:
 class _Result:
     face: Face
     split: str
+    renders: int
     records: list[Record]
     blank: list[str]  # characters the face maps but draws without ink
 
@@ -318,7 +317,7 @@ def _render_task(task: _Task) -> _Result:
             rng = np.random.default_rng(_seed(seed, face, cp, r))
             image = render_glyph(font, char, size, rng, supersample=ss, distortion=dist)
             records.append(Record(f"{face.key}-u{cp:05x}-{r}", label, "png", encode_png(image)))
-    return _Result(face, task.split, records, blank)
+    return _Result(face, task.split, task.renders, records, blank)
 
 
 def render_splits(
@@ -351,17 +350,13 @@ def render_splits(
         for res in results:
             records[res.split] += res.records
             blank[res.face.name] += res.blank
-            bar_update(len(res.records) + len(res.blank) * _renders(res, cfg))
+            bar_update(len(res.records) + len(res.blank) * res.renders)
     finally:
         if pool is not None:
             pool.terminate()
         getattr(bar, "close", lambda: None)()
     census = _census(chars, split, records, blank)
     return records, census
-
-
-def _renders(res: _Result, cfg: TypefacesConfig) -> int:
-    return cfg.renders if res.split == "train" else cfg.eval_renders
 
 
 def _census(chars: Sequence[str], split: Split, records: dict[str, list[Record]], blank: dict) -> dict:
@@ -372,9 +367,8 @@ def _census(chars: Sequence[str], split: Split, records: dict[str, list[Record]]
         counts = np.bincount([r.label for r in records[role]], minlength=num)
         missing = [chars[i] for i in np.flatnonzero(counts == 0)]
         if missing:
-            shown = "".join(missing[:20]) + ("…" if len(missing) > 20 else "")
             raise DataError(f"typefaces: {len(missing)} characters have no glyph in any {role} typeface "
-                            f"({', '.join(sorted({f.design for f in faces}))}): {shown}")
+                            f"({', '.join(sorted({f.design for f in faces}))}): {_shown(missing)}")
         census["splits"][role] = {
             "images": len(records[role]),
             "designs": sorted({f.design for f in faces}),
@@ -385,16 +379,19 @@ def _census(chars: Sequence[str], split: Split, records: dict[str, list[Record]]
     return census
 
 
+def _shown(chars: Sequence[str], limit: int = 20) -> str:
+    return "".join(chars[:limit]) + ("…" if len(chars) > limit else "")
+
+
 def check_chars_available(chars: Sequence[str], faces: Sequence[Face], font_dirs: Sequence[str]) -> None:
     if not faces:
         raise DataError(f"typefaces: no font under {', '.join(font_dirs)} has any of the {len(chars)} characters "
-                        "(install CJK fonts: scripts/setup.sh, or e.g. apt-get install fonts-noto-cjk)")
+                        "(install CJK fonts: scripts/install-fonts.sh, or e.g. apt-get install fonts-noto-cjk)")
     have = set().union(*(f.codepoints for f in faces))
     missing = [c for c in chars if ord(c) not in have]
     if missing:
-        shown = "".join(missing[:20]) + ("…" if len(missing) > 20 else "")
         raise DataError(f"typefaces: {len(missing)} requested characters are in no installed font "
-                        f"under {', '.join(font_dirs)}: {shown}")
+                        f"under {', '.join(font_dirs)}: {_shown(missing)}")
 
 
 def data_card(chars: Sequence[str], census: dict, cfg: TypefacesConfig, seed: int) -> str:
