@@ -303,7 +303,22 @@ def main(argv: list[str] | None = None) -> int:
     if not args.verbose:
         for noisy in ("accelerate", "faiss.loader"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
-    return run_command(args.func, args)
+    code = run_command(args.func, args)
+    if code == 0:
+        _end_distributed()
+    return code
+
+
+def _end_distributed() -> None:
+    """Tear down the process group of an ``accelerate launch``-ed stage before the interpreter exits.
+
+    Left to interpreter shutdown, gloo's threads can be destroyed while still joinable, and one rank
+    then aborts ("terminate called without an active exception") after all its work is done
+    (pytorch/pytorch#190489). Only after success: a rank that failed must not wait for the others.
+    """
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -23,3 +23,4 @@ digests = [hashlib.sha1(image.numpy().tobytes()).hexdigest() + f":{int(label)}"
 Path(out, f"rank{rank}.json").write_text(json.dumps({"world": world, "samples": digests,
                                                      "threads": torch.get_num_threads()}))
 train_generalist(cfg, force=True)
+accelerator.end_training()  # destroy the process group before exit (pytorch/pytorch#190489)

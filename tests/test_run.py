@@ -57,3 +57,22 @@ def test_seed_config_separates_runs():
     a, b = seed_config(cfg, 1), seed_config(cfg, 2)
     assert (a.seed, b.seed) == (1, 2)
     assert a.run_dir.endswith("seed-1") and a.data == cfg.data and a.hash() != b.hash()
+
+
+def test_cli_destroys_the_process_group_after_success(tmp_path, monkeypatch):
+    """A launched stage tears its process group down itself; left to interpreter exit, gloo can abort a rank."""
+    import torch.distributed as dist
+
+    from specialists import cli
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        monkeypatch.setattr(cli, "run_command", lambda func, args: 2)
+        assert cli.main(["summary", str(tmp_path)]) == 2
+        assert dist.is_initialized()  # a failed rank must not wait for the others
+        monkeypatch.setattr(cli, "run_command", lambda func, args: 0)
+        assert cli.main(["summary", str(tmp_path)]) == 0
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
