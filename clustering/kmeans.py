@@ -54,6 +54,7 @@ def cluster_classes(
     n_init: int = DEFAULT_N_INIT,
     max_iter: int = DEFAULT_MAX_ITER,
     max_dim: int | None = DEFAULT_MAX_DIM,
+    coverage: int | None = None,
 ) -> list[list[int]]:
     """Groups classes that the generalist confuses into specialist class sets.
 
@@ -74,6 +75,12 @@ def cluster_classes(
             uncovered: on 1,000 typeface classes, 20 x 100, one class sat in
             20 sets, 295 in none, and 41% of the val errors fell inside a set,
             against 80% with this rule.)
+        coverage: instead of ``classes_per_specialist``, a number r: overlapping
+            sets filled by the same rule so that every class is in r sets, the
+            r C slots spread over the M sets (sizes floor(r C / M) or one more).
+            When M K is not a multiple of C, fixed-size sets cover some classes
+            once more than others, and the KL objective (section 5), one term per
+            active specialist, then favours the classes held by more of them.
         method: "faiss" (``faiss.Kmeans``, best of ``n_init`` restarts) or
             "minibatch" (scikit-learn ``MiniBatchKMeans`` fed batches of columns
             with ``partial_fit``: the paper's on-line k-means; best inertia of
@@ -95,7 +102,7 @@ def cluster_classes(
     """
     cov_t = _check_cov(cov)
     c = cov_t.shape[0]
-    _check_options(c, num_specialists, classes_per_specialist, method, columns, n_init, max_iter, max_dim)
+    _check_options(c, num_specialists, classes_per_specialist, method, columns, n_init, max_iter, max_dim, coverage)
     features = column_features(
         cov_t, columns=columns, normalize=normalize, max_dim=max_dim, seed=seed
     )  # (C, D) float32
@@ -104,10 +111,16 @@ def cluster_classes(
     else:
         centroids = _minibatch_kmeans(features, num_specialists, seed, n_init, max_iter)
     distances = _squared_distances(features, centroids)  # (C, M)
-    if classes_per_specialist is None:
+    if coverage is not None:
+        sizes = np.full(num_specialists, coverage * c // num_specialists, dtype=np.int64)
+        sizes[: coverage * c % num_specialists] += 1
+        sets = _balanced_sets(distances, sizes, cap=coverage)
+    elif classes_per_specialist is None:
         sets = _disjoint_sets(distances)
     else:
-        sets = _balanced_sets(distances, classes_per_specialist)
+        size = min(classes_per_specialist, c)
+        sets = _balanced_sets(distances, np.full(num_specialists, size, dtype=np.int64),
+                              cap=-(-num_specialists * size // c))
     logger.info(
         "clustered %d classes into %d sets (method=%s, columns=%s, sizes %d..%d)",
         c, len(sets), method, columns, min(map(len, sets)), max(map(len, sets)),
@@ -126,6 +139,7 @@ def describe_method(
     n_init: int = DEFAULT_N_INIT,
     max_iter: int = DEFAULT_MAX_ITER,
     max_dim: int | None = DEFAULT_MAX_DIM,
+    coverage: int | None = None,
 ) -> dict[str, Any]:
     """The options of a ``cluster_classes`` call, for clusters.json's "method" field."""
     return {
@@ -139,6 +153,7 @@ def describe_method(
         "n_init": int(n_init),
         "max_iter": int(max_iter),
         "max_dim": None if max_dim is None else int(max_dim),
+        "coverage": None if coverage is None else int(coverage),
     }
 
 
@@ -214,6 +229,7 @@ def _check_options(
     n_init: int,
     max_iter: int,
     max_dim: int | None,
+    coverage: int | None = None,
 ) -> None:
     if isinstance(num_specialists, bool) or not isinstance(num_specialists, (int, np.integer)):
         raise ValueError(f"num_specialists must be an int, got {num_specialists!r}")
@@ -229,6 +245,14 @@ def _check_options(
             f"classes_per_specialist={classes_per_specialist} but expected None or "
             f"2 <= classes_per_specialist <= {c} (the number of classes)"
         )
+    if coverage is not None:
+        if classes_per_specialist is not None:
+            raise ValueError(f"coverage={coverage} and classes_per_specialist={classes_per_specialist}: "
+                             "give one of them (coverage sets the sizes)")
+        if isinstance(coverage, bool) or not isinstance(coverage, (int, np.integer)) or \
+                not 1 <= coverage <= num_specialists or coverage * c // num_specialists < 2:
+            raise ValueError(f"coverage={coverage!r} but expected an int in 1..{num_specialists} "
+                             f"(num_specialists) giving sets of at least 2 of the {c} classes")
     if method not in METHODS:
         raise ValueError(f"method={method!r} but expected one of {METHODS}")
     if columns not in COLUMN_TREATMENTS:
@@ -367,31 +391,65 @@ def _disjoint_sets(distances: np.ndarray) -> list[list[int]]:
     return [sorted(int(i) for i in np.flatnonzero(labels == j)) for j in range(m)]
 
 
-def _balanced_sets(distances: np.ndarray, size: int) -> list[list[int]]:
-    """M overlapping sets of ``size`` classes: cover every class once, then top up, capped.
+def _fill_by_moves(distances: np.ndarray, member: np.ndarray, count: np.ndarray, room: np.ndarray,
+                   cap: int) -> None:
+    """Fill the room the greedy passes left, in place, keeping every class within ``cap``.
+
+    Room is left in set j only when every class still under the cap is already in j. Then a
+    class h moves from another set j2 into j (h's count is unchanged: the nearest such h to
+    j's centroid) and the under-covered class i takes h's place in j2 (the nearest set to i).
+    """
+    while room.any():
+        j = int(np.flatnonzero(room)[0])
+        short = np.flatnonzero(count < cap)
+        moved = False
+        for i in short[np.argsort(distances[short, j], kind="stable")].tolist():
+            for j2 in np.argsort(distances[i], kind="stable").tolist():
+                if member[i, j2]:
+                    continue
+                movable = np.flatnonzero(member[:, j2] & ~member[:, j])
+                if movable.size == 0:
+                    continue
+                h = int(movable[np.argmin(distances[movable, j])])
+                member[h, j2], member[h, j], member[i, j2] = False, True, True
+                count[i] += 1
+                room[j] -= 1
+                moved = True
+                break
+            if moved:
+                break
+        if not moved:
+            return
+
+
+def _balanced_sets(distances: np.ndarray, sizes: np.ndarray, cap: int) -> list[list[int]]:
+    """M overlapping sets, set j of ``sizes[j]`` classes: cover every class once, then top up, capped.
 
     Pairs (class, centroid) are visited in order of distance, twice: the first pass puts each
     class not yet in any set into the set with room nearest to it (all classes are covered when
-    M·size >= C); the second fills the remaining room with each set's nearest classes, a class
-    joining at most ceil(M·size / C) sets, so that no class can crowd into every set.
-    Every set ends with exactly ``size`` classes.
+    sum(sizes) >= C); the second fills the remaining room with each set's nearest classes, a class
+    joining at most ``cap`` sets, so that no class can crowd into every set.
+    Every set ends with exactly ``sizes[j]`` classes.
     """
     c, m = distances.shape
-    size = min(size, c)
-    cap = -(-m * size // c)
     member = np.zeros((c, m), dtype=bool)
     count = np.zeros(c, dtype=np.int64)
-    room = np.full(m, size, dtype=np.int64)
+    room = np.minimum(np.asarray(sizes, dtype=np.int64), c).copy()
     order = np.argsort(distances, axis=None, kind="stable")
     rows, cols = np.divmod(order, m)
-    # The third pass, without the cap, only runs in corner cases (tiny C) where the cap left room.
-    for limit, cover_first in ((cap, True), (cap, False), (m, False)):
+    for cover_first in (True, False):
         for i, j in zip(rows.tolist(), cols.tolist(), strict=True):
-            if room[j] == 0 or member[i, j] or count[i] >= limit or (cover_first and count[i] > 0):
+            if room[j] == 0 or member[i, j] or count[i] >= cap or (cover_first and count[i] > 0):
                 continue
             member[i, j] = True
             count[i] += 1
             room[j] -= 1
-        if not room.any():
-            break
+    if room.any():
+        _fill_by_moves(distances, member, count, room, cap)
+    # Without the cap, only in corner cases (tiny C) where the cap and the moves left room.
+    for i, j in zip(rows.tolist(), cols.tolist(), strict=True):
+        if room[j] > 0 and not member[i, j]:
+            member[i, j] = True
+            count[i] += 1
+            room[j] -= 1
     return [sorted(int(i) for i in np.flatnonzero(member[:, j])) for j in range(m)]

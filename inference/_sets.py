@@ -48,8 +48,11 @@ _cache: OrderedDict[tuple, tuple[ClassSets, tuple, tuple, SetTable]] = OrderedDi
 
 def _versions(class_sets: ClassSets) -> tuple | None:
     """The version of every set if all are tensors (torch bumps a tensor's version on
-    every in-place change), else None: lists are not cached (no cheap change check)."""
+    every in-place change), else None: lists, and tensors made under ``torch.inference_mode``
+    (which carry no version counter), are not cached (no cheap change check)."""
     if not isinstance(class_sets, list | tuple) or not all(isinstance(s, Tensor) for s in class_sets):
+        return None
+    if any(s.is_inference() for s in class_sets):
         return None
     return tuple(s._version for s in class_sets)
 

@@ -52,7 +52,8 @@ log = logging.getLogger(__name__)
 
 # Keys of clusters.json "method" that decide the sets; a finished stage whose keys differ is stale.
 _DECIDING_KEYS = ("algorithm", "method", "num_specialists", "classes_per_specialist", "columns", "normalize",
-                  "seed", "n_init", "max_iter", "max_dim", "top_k", "split", "generalist_sha256")
+                  "seed", "n_init", "max_iter", "max_dim", "coverage", "top_k", "split",
+                  "generalist_sha256")
 
 
 def clusters_path(run_dir: str | Path) -> Path:
@@ -275,7 +276,8 @@ def _method(cfg: RunConfig, meta: dict) -> dict[str, Any]:
     """clusters.json "method": the k-means options, the data they ran on and the generalist's sha256."""
     cc = cfg.clustering
     method = describe_method(cc.num_specialists, cc.classes_per_specialist, cc.method, cfg.seed, columns=cc.columns,
-                             normalize=cc.normalize, n_init=cc.n_init, max_iter=cc.max_iter, max_dim=cc.max_dim)
+                             normalize=cc.normalize, n_init=cc.n_init, max_iter=cc.max_iter, max_dim=cc.max_dim,
+                             coverage=cc.coverage)
     return {**method, "top_k": cc.top_k, "split": cc.split, "generalist_sha256": meta.get("sha256")}
 
 
@@ -290,6 +292,10 @@ def _check_options(cfg: RunConfig, num_classes: int, config_label: str) -> None:
     if k is not None and not 2 <= k <= num_classes:
         raise UserError(f"{config_label}: clustering.classes_per_specialist={k} but expected null or "
                         f"2..{num_classes} (the number of classes)")
+    r, m = cc.coverage, cc.num_specialists
+    if r is not None and (k is not None or not 1 <= r <= m or r * num_classes // m < 2):
+        raise UserError(f"{config_label}: clustering.coverage={r} but expected null, or an int in 1..{m} "
+                        "(num_specialists) giving sets of at least 2 classes, with classes_per_specialist null")
 
 
 def _finished(run_dir: Path, index: ShardIndex, method: dict[str, Any]) -> Clusters | None:
@@ -321,7 +327,7 @@ def _write_outputs(cfg: RunConfig, index: ShardIndex, acc: CovarianceAccumulator
     try:
         sets = cluster_classes(cov.cpu(), cc.num_specialists, cc.classes_per_specialist, cc.method, cfg.seed,
                                columns=cc.columns, normalize=cc.normalize, n_init=cc.n_init,
-                               max_iter=cc.max_iter, max_dim=cc.max_dim)
+                               max_iter=cc.max_iter, max_dim=cc.max_dim, coverage=cc.coverage)
     except ValueError as exc:
         raise UserError(f"{config_label}: clustering failed: {exc}") from None
     save_npy_atomic(covariance_path(run_dir), cov.cpu().numpy())

@@ -100,6 +100,7 @@ class ClusteringConfig:
     split: str = "val"  # split the generalist is run over (labels unused)
     num_specialists: int = 2
     classes_per_specialist: int | None = None  # None: disjoint k-means clusters
+    coverage: int | None = None  # instead of classes_per_specialist: every class in this many sets
     method: str = "faiss"  # faiss | minibatch
     columns: str = "correlation"  # raw | zero_diagonal | correlation (see docs/clustering-notes.md)
     normalize: bool = True  # unit-length columns before k-means

@@ -107,6 +107,7 @@ def test_describe_method_records_the_options():
         "n_init": 3,
         "max_iter": 50,
         "max_dim": 512,
+        "coverage": None,
     }
 
 
@@ -123,6 +124,10 @@ def test_errors_name_the_value():
         cluster_classes(cov, 2, 1)
     with pytest.raises(ValueError, match="classes_per_specialist=11 but expected"):
         cluster_classes(cov, 2, 11)
+    with pytest.raises(ValueError, match="coverage=2 and classes_per_specialist=4: give one"):
+        cluster_classes(cov, 2, 4, coverage=2)
+    with pytest.raises(ValueError, match=r"coverage=3 but expected an int in 1..2"):
+        cluster_classes(cov, 2, coverage=3)
     with pytest.raises(ValueError, match=r"cov has shape \(10, 9\) but expected a square"):
         cluster_classes(cov[:, :9], 2)
     bad = cov.clone()
@@ -146,7 +151,7 @@ def test_fixed_size_sets_cover_every_class_and_cap_hubs():
     c, m, k = 50, 6, 12
     distances = rng.uniform(1.0, 2.0, size=(c, m))
     distances[7] = 0.01  # the hub: closest class of every centroid
-    sets = _balanced_sets(distances, k)
+    sets = _balanced_sets(distances, np.full(m, k), cap=-(-m * k // c))
     assert [len(s) for s in sets] == [k] * m and all(len(set(s)) == k for s in sets)
     counts = np.bincount(np.concatenate(sets), minlength=c)
     assert counts.min() >= 1 and counts.max() <= -(-m * k // c) == 2
@@ -165,3 +170,17 @@ def test_fixed_size_sets_on_planted_groups(planted):
     # Every planted group lies inside one set.
     members = [set(np.flatnonzero(groups == g).tolist()) for g in range(GROUPS)]
     assert all(any(g <= set(s) for s in sets) for g in members)
+
+
+def test_equal_coverage_puts_every_class_in_r_sets(planted):
+    """coverage=r: r·C slots spread over M sets (sizes differ by at most 1), every class in r of them."""
+    groups, cov = planted  # 40 classes in 8 groups of 5
+    for m, r in ((8, 1), (8, 2), (7, 2), (6, 3)):
+        sets = cluster_classes(cov, m, coverage=r, seed=0)
+        sizes = sorted(len(s) for s in sets)
+        assert len(sets) == m and sum(sizes) == r * C and sizes[-1] - sizes[0] <= 1
+        assert all(len(set(s)) == len(s) for s in sets)
+        counts = np.bincount(np.concatenate(sets), minlength=C)
+        assert counts.min() == counts.max() == r, (m, r, np.bincount(counts))
+    sets = cluster_classes(cov, 8, coverage=1, seed=0)  # disjoint: the planted groups come back
+    assert adjusted_rand_score(groups, _labels(sets, C)) >= 0.95

@@ -102,6 +102,17 @@ def test_routed_engine_matches_run_everything_and_manual_solve():
     assert torch.equal(light.general_top1, pg.argmax(1))
 
 
+def test_engine_built_under_inference_mode_predicts_the_same():
+    """Set tensors made under torch.inference_mode carry no version counter: built there, it still works."""
+    x = images()
+    expected = make_engine().predict(x, return_q=True).q
+    with torch.inference_mode():
+        engine = make_engine()
+        first, again = engine.predict(x, return_q=True).q, engine.predict(x, return_q=True).q
+    torch.testing.assert_close(first, expected, rtol=0, atol=1e-6)
+    assert torch.equal(first, again)
+
+
 def test_engine_runs_each_specialist_once_on_its_images():
     engine = make_engine()
     seen = {}
