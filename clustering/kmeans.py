@@ -434,7 +434,7 @@ def _balanced_sets(distances: np.ndarray, sizes: np.ndarray, cap: int) -> list[l
     c, m = distances.shape
     member = np.zeros((c, m), dtype=bool)
     count = np.zeros(c, dtype=np.int64)
-    room = np.minimum(np.asarray(sizes, dtype=np.int64), c).copy()
+    room = np.minimum(np.asarray(sizes, dtype=np.int64), c)
     order = np.argsort(distances, axis=None, kind="stable")
     rows, cols = np.divmod(order, m)
     for cover_first in (True, False):
@@ -444,12 +444,11 @@ def _balanced_sets(distances: np.ndarray, sizes: np.ndarray, cap: int) -> list[l
             member[i, j] = True
             count[i] += 1
             room[j] -= 1
-    if room.any():
-        _fill_by_moves(distances, member, count, room, cap)
-    # Without the cap, only in corner cases (tiny C) where the cap and the moves left room.
-    for i, j in zip(rows.tolist(), cols.tolist(), strict=True):
-        if room[j] > 0 and not member[i, j]:
-            member[i, j] = True
-            count[i] += 1
-            room[j] -= 1
+    _fill_by_moves(distances, member, count, room, cap)
+    if room.any():  # without the cap: only in corner cases (tiny C) where the cap and the moves left room
+        for i, j in zip(rows.tolist(), cols.tolist(), strict=True):
+            if room[j] > 0 and not member[i, j]:
+                member[i, j] = True
+                count[i] += 1
+                room[j] -= 1
     return [sorted(int(i) for i in np.flatnonzero(member[:, j])) for j in range(m)]

@@ -44,8 +44,9 @@ def main() -> None:
         pred = engine.predict(normalize(images, cfg.data))
         active = pred.active.cpu()  # (B, M)
         keep = valid.bool()
-        active_true = (active.float() @ member.float()).gather(1, labels[:, None]).squeeze(1)
-        active_pred = (active.float() @ member.float()).gather(1, pred.top1.cpu()[:, None]).squeeze(1)
+        holders = active.float() @ member.float()  # (B, C): active specialists holding each class
+        active_true = holders.gather(1, labels[:, None]).squeeze(1)
+        active_pred = holders.gather(1, pred.top1.cpu()[:, None]).squeeze(1)
         for k, v in (("label", labels), ("gen", pred.general_top1.cpu()), ("ens", pred.top1.cpu()),
                      ("active_true", active_true), ("active_pred", active_pred)):
             cols[k].append(v[keep].numpy())

@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
+from inference import active_specialists
+
 from .bias import dustbin_bias, dustbin_correction
 from .checkpoints import load_model, save_model, sidecar_path
 from .config import RunConfig
@@ -105,9 +107,9 @@ def fit_bias_and_temperature(logits: torch.Tensor, targets: torch.Tensor) -> tup
 
 
 def routed_mask(general_logits: torch.Tensor, classes: list[int], top_n: int) -> torch.Tensor:
-    """(N,) bool: images the ensemble routes to this specialist (a class of Sᵐ in the generalist's top-n)."""
-    top = general_logits.topk(min(top_n, general_logits.shape[1]), dim=1).indices
-    return torch.isin(top, torch.tensor(classes)).any(dim=1)
+    """(N,) bool: images the ensemble routes to this specialist (a class of Sᵐ in the generalist's
+    top-n), by the engine's own routing."""
+    return active_specialists(general_logits, [classes], top_n=min(top_n, general_logits.shape[1]))[:, 0]
 
 
 MIN_ROUTED = 50  # fewer routed val images than this: the routed fit falls back to all of val
