@@ -19,7 +19,7 @@ import torch
 
 from specialists.config import DataConfig, SyntheticConfig
 from specialists.data import ShardIndex, eval_batches, train_batches
-from specialists.prepare import prepare
+from specialists.data.prepare import prepare
 
 
 def rate(make_batches, repeats: int) -> float:

@@ -64,8 +64,8 @@ class EnsembleEngine:
         after the temperature scaling.
     top_n: routing uses the generalist's top_n classes (paper: 1).
     method, tol, max_iter: passed to the KL solver ("em" or "gradient").
-    amp: run the networks under CUDA autocast (bfloat16 where supported, else
-        float16); probabilities and the solve stay float32. Ignored on CPU.
+    amp: run the networks under CUDA autocast: True for bfloat16 where supported, else
+        float16, or the dtype itself; probabilities and the solve stay float32. Ignored on CPU.
     channels_last: put the models and 4-D inputs in channels_last memory format.
         CUDA only (the models are converted in place at construction).
 
@@ -85,7 +85,7 @@ class EnsembleEngine:
         method: str = "em",
         tol: float = 1e-7,
         max_iter: int | None = None,
-        amp: bool = False,
+        amp: bool | torch.dtype = False,
         channels_last: bool = False,
     ) -> None:
         if not isinstance(generalist, nn.Module):
@@ -118,7 +118,8 @@ class EnsembleEngine:
         self.method = method
         self.tol = tol
         self.device = _module_device(generalist) or torch.device("cpu")
-        self.amp = amp and self.device.type == "cuda"
+        self._amp_dtype = amp if isinstance(amp, torch.dtype) else None
+        self.amp = bool(amp) and self.device.type == "cuda"
         self.channels_last = channels_last and self.device.type == "cuda"
         if self.channels_last:
             for model in [self.generalist, *self.specialists]:
@@ -130,7 +131,7 @@ class EnsembleEngine:
     def _autocast(self) -> contextlib.AbstractContextManager:
         if not self.amp:
             return contextlib.nullcontext()
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        dtype = self._amp_dtype or (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
         return torch.autocast(device_type="cuda", dtype=dtype)
 
     def _prepare(self, images: Tensor) -> Tensor:

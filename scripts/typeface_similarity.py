@@ -16,7 +16,7 @@ import argparse
 import numpy as np
 from PIL import ImageFont
 
-from specialists.prepare import typefaces
+from specialists.data.prepare import typefaces
 
 
 def main() -> None:

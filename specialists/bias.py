@@ -1,11 +1,18 @@
-"""The dustbin bias: correcting a specialist for the enriched class mix it was trained on."""
+"""The dustbin bias: correcting a specialist for the enriched class mix it was trained on
+(DESIGN.md, method step 4), and the corrections fitted on held-out data instead."""
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING
 
-from .errors import UserError
+import torch
+import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from .artifacts.model_card import SpecialistHead
+
+CORRECTIONS = ("prior", "fit", "routed", "none")
 
 
 def dustbin_bias(special_fraction_in_data: float, special_fraction_in_training: float = 0.5) -> float:
@@ -28,19 +35,38 @@ def dustbin_bias(special_fraction_in_data: float, special_fraction_in_training: 
     return math.log(f / (1.0 - f)) + math.log((1.0 - pi) / pi)
 
 
-def dustbin_correction(meta: dict[str, Any], choice: str) -> tuple[float, float]:
-    """(dustbin bias, temperature) for a specialist: as trained (``"trained"``: the sidecar's
-    choice), the prior-shift formula, the values fitted on all of val or on the val images routed
-    to the specialist, or no correction."""
-    if choice == "trained":
-        return float(meta["dustbin_bias"]), float(meta.get("temperature", 1.0))
+def dustbin_correction(head: SpecialistHead, choice: str) -> tuple[float, float]:
+    """(dustbin bias, temperature) of a specialist for ``choice``: the prior-shift formula
+    (``prior``), the values fitted on all of val (``fit``) or on the val images routed to the
+    specialist (``routed``), or no correction (``none``)."""
     if choice == "prior":
-        return float(meta["prior_bias"]), 1.0
+        return float(head.prior_bias), 1.0
     if choice == "fit":
-        return float(meta["fitted_bias"]), float(meta["fitted_temperature"])
+        return float(head.fitted_bias), float(head.fitted_temperature)
     if choice == "routed":
-        if "routed_bias" not in meta:
-            raise UserError(f"specialist {meta.get('id')}: its sidecar has no routed fit (trained before it existed); "
-                            "run `specialists train-specialists --refit-bias`")
-        return float(meta["routed_bias"]), float(meta["routed_temperature"])
-    return 0.0, 1.0
+        return float(head.routed_bias), float(head.routed_temperature)
+    if choice == "none":
+        return 0.0, 1.0
+    raise ValueError(f"choice={choice!r}: expected one of {', '.join(CORRECTIONS)}")
+
+
+def fit_bias_and_temperature(logits: torch.Tensor, targets: torch.Tensor) -> tuple[float, float]:
+    """(dustbin bias b, temperature T) minimising the held-out NLL of softmax(z / T + b·e_dustbin).
+
+    logits: (N, |Sᵐ|+1), dustbin last; targets: (N,) specialist outputs.
+    """
+    z = logits.double()
+    log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    b = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([log_t, b], lr=0.5, max_iter=200, line_search_fn="strong_wolfe")
+    onehot = torch.zeros(z.shape[1], dtype=torch.float64)
+    onehot[-1] = 1.0
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(z / log_t.exp() + b * onehot, targets)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return float(b.detach()), float(log_t.detach().exp())

@@ -9,8 +9,6 @@ two-stage ``--config``). An unknown key or a value of the wrong type is a
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import types
 import typing
 from dataclasses import dataclass, field
@@ -125,7 +123,7 @@ class SpecialistsConfig:
     soft_target_weight: float = 0.0  # weight of the generalist's soft targets (section 6.1)
     temperature: float = 2.0  # soft-target temperature T (loss scaled by T^2)
     eval_every: int = 100
-    checkpoint_every: int = 100
+    checkpoint_every: int = 100  # optimizer steps (0: none until the end)
 
 
 @dataclass(frozen=True)
@@ -141,7 +139,7 @@ class InferenceConfig:
 
 @dataclass(frozen=True)
 class RunConfig:
-    name: str = "run"
+    name: str = "run"  # shown in reports and logs
     run_dir: str = "runs/run"
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
@@ -152,11 +150,6 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(self)
-
-    def hash(self) -> str:
-        """A short stable hash of the resolved config (stored in sidecars)."""
-        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
 
 
 def _to_plain(obj: Any) -> Any:
@@ -317,20 +310,44 @@ def _check_values(cfg: RunConfig, label: str) -> None:
         "data.channels": cfg.data.channels,
         "generalist.epochs": cfg.generalist.epochs,
         "generalist.grad_accum_steps": cfg.generalist.grad_accum_steps,
+        "generalist.keep_checkpoints": cfg.generalist.keep_checkpoints,
         "clustering.num_specialists": cfg.clustering.num_specialists,
+        "clustering.batch_size": cfg.clustering.batch_size,
+        "specialists.steps": cfg.specialists.steps,
+        "specialists.eval_every": cfg.specialists.eval_every,
         "inference.top_n": cfg.inference.top_n,
+        "inference.batch_size": cfg.inference.batch_size,
+        "inference.max_iter": cfg.inference.max_iter,
     }
     for key, value in positive.items():
         if value < 1:
             fail(key, f"expected a positive integer, got {value}")
-    if cfg.data.num_workers < 0:
-        fail("data.num_workers", f"expected ≥ 0, got {cfg.data.num_workers}")
+    non_negative = {"data.num_workers": cfg.data.num_workers, "data.crop_padding": cfg.data.crop_padding,
+                    "generalist.checkpoint_every": cfg.generalist.checkpoint_every,
+                    "specialists.checkpoint_every": cfg.specialists.checkpoint_every,
+                    "specialists.warmup_steps": cfg.specialists.warmup_steps, "data.shuffle_buffer": cfg.data.shuffle_buffer}
+    for key, value in non_negative.items():
+        if value < 0:
+            fail(key, f"expected ≥ 0, got {value}")
     if len(cfg.data.mean) != cfg.data.channels or len(cfg.data.std) != cfg.data.channels:
         fail("data.mean/std", f"expected {cfg.data.channels} values each (data.channels)")
+    if any(not s > 0 for s in cfg.data.std):
+        fail("data.std", f"expected positive values (each image is divided by them), got {list(cfg.data.std)}")
     if not 0.0 < cfg.specialists.special_fraction < 1.0:
         fail("specialists.special_fraction", f"expected a value in (0, 1), got {cfg.specialists.special_fraction}")
-    if cfg.generalist.lr <= 0:
-        fail("generalist.lr", f"expected > 0, got {cfg.generalist.lr}")
+    rates = {"generalist.lr": cfg.generalist.lr, "specialists.lr": cfg.specialists.lr,
+             "specialists.temperature": cfg.specialists.temperature, "inference.tol": cfg.inference.tol}
+    for key, value in rates.items():
+        if not value > 0:
+            fail(key, f"expected > 0, got {value}")
+    fractions = {"specialists.soft_target_weight": cfg.specialists.soft_target_weight,
+                 "generalist.label_smoothing": cfg.generalist.label_smoothing,
+                 "generalist.dropout": cfg.generalist.dropout}
+    for key, value in fractions.items():
+        if not 0.0 <= value <= 1.0:
+            fail(key, f"expected a value in [0, 1], got {value}")
+    if cfg.generalist.warmup_epochs < 0:
+        fail("generalist.warmup_epochs", f"expected ≥ 0, got {cfg.generalist.warmup_epochs}")
 
 
 def config_to_yaml(cfg: RunConfig) -> str:

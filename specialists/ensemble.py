@@ -1,31 +1,29 @@
 """The trained ensemble of a run as an :class:`inference.EnsembleEngine` (section 5).
 
-:func:`load_ensemble` reads ``<run_dir>/generalist/``, ``clusters.json`` and every
-specialist it lists from ``<run_dir>/specialists/<m>/``, checks that they belong
-together, and builds the engine with each specialist's dustbin bias and temperature
-taken from its sidecar. Every mismatch is a one-line :class:`UserError` naming the file.
-All sidecars are checked before any weights are loaded.
+:func:`load_ensemble` reads the run's generalist, ``clusters.json`` and every specialist it
+lists, checks that they belong together, and builds the engine with each specialist's dustbin
+correction chosen by ``inference.bias`` (``trained``: as ``specialists.bias`` says). Every
+mismatch is a one-line :class:`UserError` naming the file. All cards are checked before any
+weights are loaded. Not a stage: ``evaluate`` and ``predict`` use it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from inference import EnsembleEngine
 
+from .artifacts.clusters import Clusters, load_clusters
+from .artifacts.model_card import ModelCard, is_finished, load_model, read_card
 from .bias import dustbin_correction
-from .checkpoints import load_model, read_sidecar
-from .cluster import Clusters, clusters_path, load_clusters
 from .config import RunConfig
 from .errors import UserError
-from .generalist import generalist_weights
-from .specialist_training import specialist_weights
-from .surgery import CollapsedHead
-from .training import resolve_mixed_precision
+from .layout import RunLayout
+from .models.surgery import CollapsedHead, WithEmptyDustbin
+from .train.precision import resolve_mixed_precision
 
 
 @dataclass(frozen=True)
@@ -36,9 +34,10 @@ class LoadedEnsemble:
     class_names: list[str]
     clusters: Clusters
     generalist_path: Path
-    generalist_meta: dict[str, Any]
+    generalist_card: ModelCard
     specialist_paths: list[Path]  # in clusters.json order (= the engine's specialist order)
-    specialist_metas: list[dict[str, Any]]
+    specialist_cards: list[ModelCard]
+    correction: str  # the dustbin correction applied: prior | fit | routed | none
 
     @property
     def num_classes(self) -> int:
@@ -53,73 +52,98 @@ class LoadedEnsemble:
         return self.clusters.sets
 
 
+def correction_choice(cfg: RunConfig) -> str:
+    """The dustbin correction inference applies: ``inference.bias``, where ``trained`` defers to ``specialists.bias``."""
+    return cfg.specialists.bias if cfg.inference.bias == "trained" else cfg.inference.bias
+
+
+def amp_setting(cfg: RunConfig, device: torch.device) -> bool | torch.dtype:
+    """The engine's autocast, from the run's one mixed-precision rule."""
+    precision = resolve_mixed_precision(cfg.generalist.mixed_precision, device)
+    return {"no": False, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
 def load_ensemble(cfg: RunConfig, device: str | torch.device = "cpu") -> LoadedEnsemble:
     """Load the generalist and every specialist of ``clusters.json`` as an :class:`EnsembleEngine`.
 
-    Routing and solver options come from ``cfg.inference`` (top_n, solver, tol, max_iter);
-    networks run under autocast on CUDA unless ``generalist.mixed_precision`` is "no".
+    Routing and solver options come from ``cfg.inference`` (top_n, solver, tol, max_iter).
     """
     device = torch.device(device)
-    gen_path = generalist_weights(cfg)
-    if not gen_path.is_file():
-        raise UserError(f"{gen_path}: no generalist; run `specialists train-generalist` (or import-generalist) first")
-    gen_meta = read_sidecar(gen_path)
-    num_classes = gen_meta["num_outputs"]
-    names = gen_meta.get("class_names")
-    clusters = _load_clusters(Path(cfg.run_dir), gen_path, num_classes, names)
-    paths, metas = [], []
-    for m, classes in zip(clusters.ids, clusters.sets, strict=True):
-        path = specialist_weights(cfg, m)
-        if not path.is_file():
-            raise UserError(f"{path}: specialist {m} of {clusters.path} is missing; run `specialists train-specialists`")
-        meta = read_sidecar(path)
-        _check_specialist(meta, path, m, classes, clusters.path, gen_meta, gen_path, num_classes)
-        paths.append(path)
-        metas.append(meta)
-
-    generalist, _ = load_model(gen_path, device=device)
-    specialists = []
-    for path, meta in zip(paths, metas, strict=True):
-        model, _ = load_model(path, device=device)
-        specialists.append(CollapsedHead(model, meta["classes"]).to(device) if meta["head"] == "full" else model)
+    layout = RunLayout(cfg.run_dir)
+    gen_paths = layout.generalist
+    if not is_finished(gen_paths):
+        raise UserError(f"{gen_paths.weights}: no generalist; run `specialists train-generalist` "
+                        "(or import-generalist) first")
+    gcard = read_card(gen_paths)
+    clusters = load_clusters(layout.clusters, gcard.class_names, against=f"the generalist {gen_paths.weights}")
     icfg = cfg.inference
-    amp = device.type == "cuda" and resolve_mixed_precision(cfg.generalist.mixed_precision, cpu=False) != "no"
-    biases, temperatures = zip(*(dustbin_correction(meta, icfg.bias) for meta in metas), strict=True)
+    if icfg.top_n > gcard.num_classes:
+        raise UserError(f"inference.top_n={icfg.top_n} but the generalist has {gcard.num_classes} classes")
+    choice = correction_choice(cfg)
+    cards = []
+    for m, classes in zip(clusters.ids, clusters.sets, strict=True):
+        paths = layout.specialist(m)
+        if not paths.weights.is_file():
+            raise UserError(f"{paths.weights}: specialist {m} of {clusters.path} is missing; "
+                            "run `specialists train-specialists`")
+        card = read_card(paths)
+        _check_specialist(card, paths.card, m, classes, clusters.path, gcard, gen_paths.weights)
+        if choice == "routed" and card.specialist.routed_top_n != icfg.top_n:
+            raise UserError(f"{paths.card}: the routed dustbin fit was made for top_n={card.specialist.routed_top_n}, "
+                            f"inference.top_n={icfg.top_n}; run `specialists train-specialists --refit-bias` "
+                            f"with inference.top_n={icfg.top_n}")
+        cards.append(card)
+
+    generalist, _ = load_model(gen_paths, device=device, card=gcard)
+    specialists = []
+    for m, card in zip(clusters.ids, cards, strict=True):
+        model, _ = load_model(layout.specialist(m), device=device, card=card)
+        specialists.append(CollapsedHead(model, card.specialist.classes).to(device) if card.specialist.head == "full"
+                           else model)
+    biases, temperatures = zip(*(dustbin_correction(card.specialist, choice) for card in cards), strict=True)
     engine = EnsembleEngine(
         generalist, specialists, [torch.tensor(s) for s in clusters.sets], list(biases),
-        temperatures=list(temperatures),
-        top_n=icfg.top_n, method=icfg.solver, tol=icfg.tol, max_iter=icfg.max_iter,
-        amp=amp, channels_last=cfg.generalist.channels_last,
+        temperatures=list(temperatures), top_n=icfg.top_n, method=icfg.solver, tol=icfg.tol,
+        max_iter=icfg.max_iter, amp=amp_setting(cfg, device), channels_last=cfg.generalist.channels_last,
     )
-    return LoadedEnsemble(engine, list(clusters.class_names), clusters, gen_path, gen_meta, paths, metas)
+    return LoadedEnsemble(engine, list(clusters.class_names), clusters, gen_paths.weights, gcard,
+                          [layout.specialist(m).weights for m in clusters.ids], cards, choice)
 
 
-def _load_clusters(run_dir: Path, gen_path: Path, num_classes: int, names: list[str] | None) -> Clusters:
-    """clusters.json, checked against the generalist's class names (messages name the generalist)."""
-    if names is None or len(names) != num_classes:
-        raise UserError(f"{gen_path}: {num_classes} outputs but its sidecar lists "
-                        f"{'no' if names is None else len(names)} class names")
-    return load_clusters(clusters_path(run_dir), list(names), against=f"the generalist {gen_path}")
+def load_control_engine(cfg: RunConfig, loaded: LoadedEnsemble) -> EnsembleEngine | None:
+    """The compute-matched control: the generalist with its fine-tuned copy as one "specialist" over all
+    classes (empty dustbin), combined by the same solver; None if it is not trained."""
+    paths = RunLayout(cfg.run_dir).control
+    if not is_finished(paths):
+        return None
+    model, card = load_model(paths, device=loaded.engine.device)
+    if card.source_generalist != loaded.generalist_card.sha256:
+        raise UserError(f"{paths.weights}: the control was made from another generalist than "
+                        f"{loaded.generalist_path}; retrain it with `specialists train-control --force`")
+    ref = loaded.engine
+    return EnsembleEngine(ref.generalist, [WithEmptyDustbin(model)], [torch.arange(loaded.num_classes)], [0.0],
+                          top_n=ref.top_n, method=ref.method, tol=ref.tol, max_iter=ref.max_iter,
+                          amp=amp_setting(cfg, ref.device), channels_last=ref.channels_last)
 
 
-def _check_specialist(meta: dict[str, Any], path: Path, m: int, classes: list[int], cpath: Path,
-                      gen_meta: dict[str, Any], gen_path: Path, num_classes: int) -> None:
-    if meta.get("num_classes") != num_classes:
-        raise UserError(f"{path}: specialist {m} was trained on {meta.get('num_classes')} classes but the generalist "
-                        f"{gen_path} has {num_classes}")
-    if meta.get("classes") != list(classes):
-        raise UserError(f"{path}: specialist {m}'s classes {meta.get('classes')} differ from {cpath} "
+def _check_specialist(card: ModelCard, where: Path, m: int, classes: list[int], cpath: Path, gcard: ModelCard,
+                      gen_path: Path) -> None:
+    head = card.specialist
+    if card.role != "specialist" or head is None:
+        raise UserError(f"{where}: not a specialist's card (role {card.role!r})")
+    if card.num_classes != gcard.num_classes:
+        raise UserError(f"{where}: specialist {m} was trained on {card.num_classes} classes but the generalist "
+                        f"{gen_path} has {gcard.num_classes}")
+    if head.classes != list(classes):
+        raise UserError(f"{where}: specialist {m}'s classes {head.classes} differ from {cpath} "
                         f"({list(classes)}); retrain it with `specialists train-specialists --only {m} --force`")
-    head = meta.get("head", "dustbin")
-    expected = {"dustbin": len(classes) + 1, "full": num_classes}.get(head)
+    expected = {"dustbin": len(classes) + 1, "full": gcard.num_classes}.get(head.head)
     if expected is None:
-        raise UserError(f"{path}: unknown head {head!r} (expected dustbin or full)")
-    if meta.get("num_outputs") != expected:
-        raise UserError(f"{path}: a {head} head over {len(classes)} classes should have {expected} outputs, "
-                        f"the sidecar says {meta.get('num_outputs')}")
-    if meta.get("source_generalist") != gen_meta.get("sha256"):
-        raise UserError(f"{path}: specialist {m} was made from another generalist (sha256 "
-                        f"{str(meta.get('source_generalist'))[:12]}…, {gen_path} is {str(gen_meta.get('sha256'))[:12]}…); "
+        raise UserError(f"{where}: unknown head {head.head!r} (expected dustbin or full)")
+    if card.num_outputs != expected:
+        raise UserError(f"{where}: a {head.head} head over {len(classes)} classes should have {expected} outputs, "
+                        f"the card says {card.num_outputs}")
+    if card.source_generalist != gcard.sha256:
+        raise UserError(f"{where}: specialist {m} was made from another generalist (sha256 "
+                        f"{str(card.source_generalist)[:12]}…, {gen_path} is {gcard.sha256[:12]}…); "
                         "retrain it with `specialists train-specialists --force`")
-    if "dustbin_bias" not in meta:
-        raise UserError(f"{path}: sidecar has no dustbin_bias")

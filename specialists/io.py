@@ -50,6 +50,14 @@ def read_json(path: str | os.PathLike) -> Any:
         return json.load(f)
 
 
+def remove_temporaries(path: str | os.PathLike) -> None:
+    """Temporary siblings of ``path`` (``.name.*.tmp``) left by a process killed while writing it."""
+    path = Path(path)
+    if path.parent.is_dir():
+        for tmp in path.parent.glob(f".{path.name}.*.tmp"):
+            shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling directory that becomes ``path`` on success.
@@ -75,3 +83,33 @@ def atomic_directory(path: str | os.PathLike, *, overwrite: bool = False) -> Ite
         shutil.rmtree(trash, ignore_errors=True)
     else:
         os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | os.PathLike, *, what: str) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (created) for the block; another holder → one-line UserError.
+
+    The lock is the kernel's (``flock``): it goes with the process, so a killed run leaves none behind.
+    """
+    import fcntl
+
+    from .errors import UserError
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    f = open(path, "a+")
+    try:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise UserError(f"{what} is in use by {holder}; wait for it to finish (two runs in one "
+                            "run_dir would train every stage twice)") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()}\n")
+        f.flush()
+        yield
+    finally:
+        f.close()

@@ -10,7 +10,7 @@ from accelerate import Accelerator
 
 from specialists.config import load_config
 from specialists.data import ShardIndex, train_batches
-from specialists.generalist import train_generalist
+from specialists.stages.generalist import run as train_generalist
 
 config, out, *overrides = sys.argv[1:]
 cfg = load_config(config, overrides)

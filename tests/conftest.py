@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from specialists.config import SyntheticConfig
-from specialists.prepare import prepare
+from specialists.data.prepare import prepare
 
 torch.set_num_threads(1)
 
@@ -52,7 +52,7 @@ def tiny_overrides(shards: Path, run_dir: Path, *extra: str) -> list[str]:
 def tiny_generalist(tiny_shards, tmp_path_factory) -> Path:
     """A run directory holding a tiny trained generalist (12 synthetic classes); returns run_dir."""
     from specialists.config import load_config
-    from specialists.generalist import train_generalist
+    from specialists.stages.generalist import run as train_generalist
 
     run_dir = tmp_path_factory.mktemp("run") / "tiny"
     cfg = load_config(ROOT / "configs/tiny.yaml", tiny_overrides(tiny_shards, run_dir))

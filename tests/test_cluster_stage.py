@@ -15,7 +15,7 @@ import torch
 
 from specialists.checkpoints import load_model, read_sidecar, save_model
 from specialists.cli import main
-from specialists.cluster import load_clusters
+from specialists.artifacts.clusters import load_clusters
 from specialists.config import load_config
 from specialists.data import ShardIndex, eval_batches, normalize
 from specialists.errors import UserError
@@ -163,7 +163,7 @@ def test_report_pages_and_files(clustered, tmp_path, monkeypatch, cli):
 
 
 def test_read_examples_reads_only_what_it_needs(tiny_shards):
-    from specialists.report_stage import read_examples
+    from specialists.reports.clusters import read_examples
 
     index = ShardIndex.load(tiny_shards)
     examples = read_examples(index, [3, 7], per_class=4, size=16, channels=1)

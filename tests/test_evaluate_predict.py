@@ -23,7 +23,7 @@ from specialists.checkpoints import load_model, save_model
 from specialists.config import load_config
 from specialists.data import ShardIndex, eval_batches, load_split, normalize
 from specialists.ensemble import load_ensemble
-from specialists.evaluate import compute_metrics, evaluate_engines, mcnemar
+from specialists.evaluation import compute_metrics, evaluate_engines, mcnemar
 
 # Overlapping sets: classes 2, 3 in two sets; 6, 7, 10, 11 in none (table 4 rows 0, 1, 2).
 SETS = [[0, 1, 2, 3], [2, 3, 4, 5], [8, 9]]
@@ -40,7 +40,7 @@ def _cfg(shards: Path, run: Path):
 @pytest.fixture(scope="module")
 def run(tiny_shards, tiny_generalist, tmp_path_factory) -> Path:
     """A run with the tiny generalist and three briefly trained specialists over SETS."""
-    from specialists.specialist_training import train_specialists
+    from specialists.stages.specialists import run as train_specialists
 
     run = tmp_path_factory.mktemp("evalrun") / "run"
     shutil.copytree(tiny_generalist / "generalist", run / "generalist")
@@ -140,7 +140,7 @@ def test_mcnemar_hand_computed():
 
 
 def test_compute_metrics_on_hand_made_records():
-    from specialists.evaluate import Records
+    from specialists.evaluation import Records
 
     label = np.array([0, 1, 2, 3, 3])
     cols = {"label": label, "covering": np.array([1, 1, 2, 0, 0]),
@@ -391,7 +391,7 @@ def test_distributed_predict_and_evaluate_two_processes(tiny_shards, run_copy, t
 
 
 def test_dustbin_correction_choices():
-    from specialists.ensemble import dustbin_correction
+    from specialists.bias import dustbin_correction
 
     meta = {"dustbin_bias": 0.7, "temperature": 1.0, "prior_bias": 0.7, "fitted_bias": -1.2, "fitted_temperature": 1.5}
     assert dustbin_correction(meta, "trained") == (0.7, 1.0)

@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from specialists.data import ShardIndex
-from specialists.prepare import prepare
-from specialists.prepare.idx import load_fashion_mnist
+from specialists.data.prepare import prepare
+from specialists.data.prepare.idx import load_fashion_mnist
 
 FM_DIR = Path(os.environ.get("FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
 pytestmark = pytest.mark.skipif(not (FM_DIR / "train-images-idx3-ubyte.gz").is_file(),

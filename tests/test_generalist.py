@@ -10,9 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from specialists.checkpoints import load_model, read_sidecar
+from specialists.artifacts.model_card import load_model, read_card
 from specialists.config import load_config
 from specialists.data import ShardIndex, eval_batches
+from specialists.layout import RunLayout
 from specialists.models import classifier, create_model, list_models
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,62 +66,89 @@ def test_glyph_cnn_sees_position():
 
 
 def test_train_generalist_in_process(tiny_shards, tmp_path, cli):
-    code, out, err = cli("train-generalist", *tiny_args(tiny_shards, tmp_path / "run", "--set", "generalist.epochs=3",
-                                                         "--set", "generalist.lr=0.4"))
+    args = tiny_args(tiny_shards, tmp_path / "run", "--set", "generalist.epochs=3", "--set", "generalist.lr=0.4")
+    code, out, err = cli("train-generalist", *args)
     assert code == 0, err
-    gdir = tmp_path / "run/generalist"
-    lines = [json.loads(line) for line in (gdir / "metrics.jsonl").read_text().splitlines()]
+    gen = RunLayout(tmp_path / "run").generalist
+    lines = [json.loads(line) for line in gen.train_log.read_text().splitlines()]
     assert [r["epoch"] for r in lines] == [1, 2, 3]
     assert all(r["val_n"] == 96 for r in lines)
     assert lines[-1]["val_top1"] > 1 / 12 * 2  # learnt something (chance is 8.3%)
-    model, meta = load_model(gdir / "model.safetensors")
-    assert meta["class_names"] == ShardIndex.load(tiny_shards).class_names
-    assert meta["arch"] == "compact_cnn" and meta["num_outputs"] == 12 and meta["config_hash"]
-    # re-running a finished stage does nothing
-    stamp = (gdir / "model.safetensors").stat().st_mtime_ns
-    code, _, _ = cli("train-generalist", *tiny_args(tiny_shards, tmp_path / "run"))
-    assert code == 0 and (gdir / "model.safetensors").stat().st_mtime_ns == stamp
+    model, card = load_model(RunLayout(tmp_path / "run").generalist)
+    assert card.class_names == ShardIndex.load(tiny_shards).class_names
+    assert card.arch == "compact_cnn" and card.num_outputs == 12 and card.arch_kwargs == {"width": 8, "dropout": 0.0}
+    assert card.deciding["generalist.epochs"] == 3 and card.deciding["seed"] == 0
+    # re-running a finished stage does nothing; under a changed deciding key it says so in one line
+    stamp = gen.weights.stat().st_mtime_ns
+    code, _, _ = cli("train-generalist", *args)
+    assert code == 0 and gen.weights.stat().st_mtime_ns == stamp
+    code, _, err = cli("train-generalist", *tiny_args(tiny_shards, tmp_path / "run", "--set", "generalist.lr=0.4"))
+    assert code == 2 and err.count("\n") == 1
+    assert "trained with generalist.epochs=3, the config now says 4; pass --force to retrain it" in err
+    assert gen.weights.stat().st_mtime_ns == stamp
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
+def _newest_checkpoint_step(checkpoints: Path) -> int:
+    steps = [json.loads(p.read_text())["step"] for p in checkpoints.glob("ckpt-*/state.json")]
+    return max(steps, default=0)
+
+
 def test_kill_and_resume_gives_the_same_weights(tiny_shards, tmp_path):
-    extra = ("--set", "generalist.epochs=6", "--set", "generalist.checkpoint_every=4")
+    """SIGKILL mid-run, then the same command: the final weights equal an uninterrupted run's.
+
+    Augmentation and dropout are on, so the data and the model both draw random numbers."""
+    extra = ("--set", "generalist.epochs=6", "--set", "generalist.checkpoint_every=4", "--set", "data.augment=crop",
+             "--set", "generalist.dropout=0.3")
     ref = tmp_path / "ref"
     subprocess.run(specialists_cmd("train-generalist", *tiny_args(tiny_shards, ref, *extra)), check=True,
                    env=ENV, capture_output=True)
     run = tmp_path / "killed"
     proc = subprocess.Popen(specialists_cmd("train-generalist", *tiny_args(tiny_shards, run, *extra)), env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    pointer = run / "generalist/checkpoints/latest.json"
+    checkpoints = RunLayout(run).generalist.checkpoints
     deadline = time.time() + 120
-    while time.time() < deadline:
-        if pointer.exists() and json.loads(pointer.read_text())["name"] >= "ckpt-00000020":
-            break
+    while time.time() < deadline and _newest_checkpoint_step(checkpoints) < 20:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert not (run / "generalist/model.safetensors").exists(), "the run finished before it could be killed"
-    killed_at = json.loads(pointer.read_text())["name"]
+    assert not RunLayout(run).generalist.weights.exists(), "the run finished before it could be killed"
+    killed_at = _newest_checkpoint_step(checkpoints)
     result = subprocess.run(specialists_cmd("train-generalist", *tiny_args(tiny_shards, run, *extra), "--resume"),
                             env=ENV, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    assert "resumed at step" in result.stderr
-    a, b = _weights(ref / "generalist/model.safetensors"), _weights(run / "generalist/model.safetensors")
+    assert f"at step {killed_at}" in result.stderr and 20 <= killed_at < 72
+    a, b = _weights(RunLayout(ref).generalist.weights), _weights(RunLayout(run).generalist.weights)
     assert a.keys() == b.keys()
     for key in a:
-        assert torch.equal(a[key], b[key]), f"{key} differs after resuming from {killed_at}"
-    assert read_sidecar(run / "generalist/model.safetensors")["steps"] == read_sidecar(ref / "generalist/model.safetensors")["steps"] == 72  # 6 epochs × ceil(360 / 32)
+        assert torch.equal(a[key], b[key]), f"{key} differs after resuming from step {killed_at}"
+    assert read_card(RunLayout(run).generalist).training["steps"] == 72  # 6 epochs × ceil(360 / 32)
+    ref_log = RunLayout(ref).generalist.train_log.read_text().splitlines()
+    run_log = RunLayout(run).generalist.train_log.read_text().splitlines()
+    assert [json.loads(x)["val_top1"] for x in ref_log] == [json.loads(x)["val_top1"] for x in run_log]
 
 
-def test_unfinished_run_needs_resume_or_force(tiny_shards, tmp_path, cli):
+def test_resume_under_a_changed_deciding_key_is_one_line(tiny_shards, tmp_path, cli):
+    """A checkpoint made with generalist.lr=0.4, resumed with 0.2: one line naming the key and both values."""
     run = tmp_path / "run"
-    (run / "generalist/checkpoints/ckpt-00000004").mkdir(parents=True)
-    (run / "generalist/checkpoints/latest.json").write_text('{"name": "ckpt-00000004", "fingerprint": "x"}')
-    code, _, err = cli("train-generalist", *tiny_args(tiny_shards, run))
-    assert code == 2 and "made with another config" in err and err.count("\n") == 1
+    checkpoints = RunLayout(run).generalist.checkpoints
+    extra = ("--set", "generalist.epochs=3", "--set", "generalist.checkpoint_every=4")
+    proc = subprocess.Popen(specialists_cmd("train-generalist", *tiny_args(tiny_shards, run, *extra)), env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and _newest_checkpoint_step(checkpoints) < 4:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    code, _, err = cli("train-generalist", *tiny_args(tiny_shards, run, *extra, "--set", "generalist.lr=0.2"),
+                       "--resume")
+    assert code == 2 and err.count("\n") == 1, err
+    assert "checkpoints made with generalist.lr=0.4, the config now says 0.2; pass --force to start over" in err
+    code, _, err = cli("train-generalist", *tiny_args(tiny_shards, run, *extra))
+    assert code == 2 and "pass --resume to continue it or --force to start over" in err
 
 
 def test_missing_shards_is_one_line_error(tmp_path, cli):
@@ -135,8 +163,8 @@ def test_import_generalist(tiny_shards, tmp_path, cli):
     code, _, err = cli("import-generalist", *tiny_args(tiny_shards, tmp_path / "run"), "--arch", "resnet18",
                        "--weights", tmp_path / "mine.pt", "--classes", classes)
     assert code == 0, err
-    loaded, meta = load_model(tmp_path / "run/generalist/model.safetensors")
-    assert meta["arch"] == "resnet18" and meta["class_names"] == json.loads(classes.read_text())
+    loaded, card = load_model(RunLayout(tmp_path / "run").generalist)
+    assert card.arch == "resnet18" and card.class_names == json.loads(classes.read_text())
     x = torch.randn(3, 1, 16, 16)
     model.eval()
     assert torch.allclose(loaded(x), model(x), atol=1e-6)
@@ -146,7 +174,7 @@ def test_import_generalist(tiny_shards, tmp_path, cli):
     code, _, err = cli("import-generalist", *tiny_args(tiny_shards, tmp_path / "run2"), "--arch", "resnet18",
                        "--weights", tmp_path / "wrong.pt", "--classes", classes)
     assert code == 2 and "classifier fc has 5 outputs but" in err and "lists 12 classes" in err
-    assert not (tmp_path / "run2/generalist/model.safetensors").exists()
+    assert not RunLayout(tmp_path / "run2").generalist.weights.exists()
 
 
 def test_distributed_two_processes(tiny_shards, tmp_path):
@@ -162,15 +190,15 @@ def test_distributed_two_processes(tiny_shards, tmp_path):
     assert [r["world"] for r in ranks] == [2, 2]
     assert not set(ranks[0]["samples"]) & set(ranks[1]["samples"])
     assert len(ranks[0]["samples"]) > 0 and len(ranks[1]["samples"]) > 0
-    meta = read_sidecar(run / "generalist/model.safetensors")
-    assert meta["world_size"] == 2 and meta["ranks_in_sync"] is True
+    card = read_card(RunLayout(run).generalist)
+    assert card.training["world_size"] == 2 and card.training["ranks_in_sync"] is True
     # validation metrics of the 2-process run equal a 1-process evaluation of the saved weights
-    last = json.loads((run / "generalist/metrics.jsonl").read_text().splitlines()[-1])
+    last = json.loads(RunLayout(run).generalist.train_log.read_text().splitlines()[-1])
     cfg = load_config(ROOT / "configs/tiny.yaml", overrides)
-    model, _ = load_model(run / "generalist/model.safetensors")
+    model, _ = load_model(RunLayout(run).generalist)
     from accelerate import Accelerator
 
-    from specialists.training import evaluate
+    from specialists.train.evaluate import evaluate
 
     metrics = evaluate(model, eval_batches(ShardIndex.load(tiny_shards), cfg.data, "val"), Accelerator(cpu=True), cfg.data)
     assert metrics["n"] == last["val_n"] == 96

@@ -15,8 +15,8 @@ from PIL import Image
 
 from specialists.data import ShardIndex
 from specialists.errors import DataError, UserError
-from specialists.prepare import prepare, stratified_split
-from specialists.prepare.idx import FILES
+from specialists.data.prepare import prepare, stratified_split
+from specialists.data.prepare.idx import FILES
 
 
 def read_tar_samples(path: Path) -> dict[str, dict[str, bytes]]:

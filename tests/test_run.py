@@ -5,7 +5,7 @@ import json
 import pytest
 from conftest import ROOT
 
-from specialists.run import format_seed_summary, seed_config, summarize_seeds
+from specialists.pipeline import format_seed_summary, seed_config, summarize_seeds
 
 
 def test_run_tiny_end_to_end(tmp_path, cli):

@@ -18,10 +18,10 @@ from specialists import dustbin_bias
 from specialists.checkpoints import load_model, read_sidecar
 from specialists.config import DataConfig, load_config
 from specialists.data import ShardIndex, load_split, normalize
-from specialists.enriched import EnrichedStream
+from specialists.data.enriched import EnrichedStream
 from specialists.models import create_model
 from specialists.specialist_training import fit_bias_and_temperature, specialist_loss
-from specialists.surgery import (
+from specialists.models.surgery import (
     CollapsedHead,
     collapse_logits,
     collapse_probs,
@@ -294,7 +294,7 @@ def test_specialist_is_better_than_chance_within_its_set(tiny_shards, tiny_gener
     run = _run_dir_with_generalist(tiny_generalist, tmp_path)
     index = ShardIndex.load(tiny_shards)
     write_clusters(run, index.class_names, [GROUPS[0]])
-    from specialists.specialist_training import train_specialists
+    from specialists.stages.specialists import run as train_specialists
 
     cfg = load_config(ROOT / "configs/tiny.yaml", tiny_overrides(tiny_shards, run, "specialists.bias=fit"))
     train_specialists(cfg)
@@ -380,7 +380,7 @@ def test_distributed_specialists_two_processes(tiny_shards, tiny_generalist, tmp
 
 
 def test_dustbin_correction_choices():
-    from specialists.ensemble import dustbin_correction
+    from specialists.bias import dustbin_correction
     from specialists.errors import UserError
 
     meta = {"id": 3, "dustbin_bias": 0.7, "temperature": 0.9, "prior_bias": 2.2, "fitted_bias": 1.5,

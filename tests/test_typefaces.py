@@ -20,7 +20,7 @@ from PIL import Image, ImageFont
 
 from specialists.config import TypefacesConfig
 from specialists.errors import DataError, UserError
-from specialists.prepare import prepare, typefaces
+from specialists.data.prepare import prepare, typefaces
 
 FONT = Path(__file__).parent / "data" / "droid-subset.ttf"
 CHARS = "己已巳未末土士大太犬天夫人入八日曰目白百千干于午牛王玉主住往问间闻门口回田由甲申电"

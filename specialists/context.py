@@ -1,0 +1,93 @@
+"""What every stage starts with: the shards checked against the config, an accelerator made the
+same way everywhere, and the run's generalist checked against the data.
+
+Not a stage: stages import it, it imports no stage.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+
+from .artifacts.deciding import config_values, without
+from .artifacts.model_card import ModelCard, load_model, read_card
+from .artifacts.shard_index import ShardIndex
+from .config import RunConfig
+from .errors import UserError
+from .layout import RunLayout
+from .train.precision import resolve_mixed_precision
+
+log = logging.getLogger(__name__)
+
+# What the training data looks like to a model: these keys decide every trained model's result.
+TRAIN_DATA_KEYS = ("data.image_size", "data.channels", "data.mean", "data.std", "data.augment", "data.crop_padding",
+                   "data.batch_size", "data.num_workers", "data.shuffle_buffer")
+
+
+def open_shards(cfg: RunConfig) -> ShardIndex:
+    """The run's prepared shards, checked: every shard there, images with ``data.channels``."""
+    index = ShardIndex.load(cfg.data.shards)
+    index.check_exists()
+    index.check_channels(cfg.data.channels)
+    return index
+
+
+def deciding_values(cfg: RunConfig, keys: tuple[str, ...], *, drop: tuple[str, ...] = (),
+                    index: ShardIndex | None = None, **inputs: Any) -> dict[str, Any]:
+    """The deciding values of a stage: its config ``keys`` (less ``drop``), the data's digest and
+    other inputs (e.g. ``generalist=<sha256>``)."""
+    values = without(config_values(cfg.to_dict(), keys), *drop)
+    if index is not None:
+        values["data.digest"] = index.digest
+    values.update(inputs)
+    return values
+
+
+def on_cpu() -> bool:
+    return not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+
+
+def make_accelerator(cfg: RunConfig, *, grad_accum_steps: int = 1) -> Accelerator:
+    """An accelerator with the run's mixed precision (one rule for every stage).
+
+    On a machine without a GPU it uses gloo, so ``accelerate launch --multi_gpu --num_processes N``
+    forms one group of N CPU processes; a stage launched as several processes that still did not
+    form one group stops instead of doing the work N times.
+    """
+    cpu = on_cpu()
+    precision = resolve_mixed_precision(cfg.generalist.mixed_precision, "cpu" if cpu else "cuda")
+    accelerator = Accelerator(mixed_precision=precision, cpu=cpu, gradient_accumulation_steps=grad_accum_steps)
+    launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if launched != accelerator.num_processes:
+        raise UserError(f"launched as {launched} processes (WORLD_SIZE) but they formed a group of "
+                        f"{accelerator.num_processes}; on a machine without a GPU launch with "
+                        "`accelerate launch --multi_gpu --num_processes N` (or set ACCELERATE_USE_CPU=1)")
+    return accelerator
+
+
+def generalist_card(cfg: RunConfig, index: ShardIndex) -> ModelCard:
+    """The run's generalist card, checked against the shards' classes and channels."""
+    paths = RunLayout(cfg.run_dir).generalist
+    if not paths.weights.is_file():
+        raise UserError(f"{paths.weights}: no generalist; run `specialists train-generalist` (or import-generalist) first")
+    card = read_card(paths)
+    if card.num_outputs != index.num_classes or card.num_classes != index.num_classes:
+        raise UserError(f"{paths.weights}: the generalist has {card.num_outputs} outputs but "
+                        f"{index.root}/classes.json has {index.num_classes} classes")
+    if card.class_names != index.class_names:
+        i = next(i for i, (a, b) in enumerate(zip(card.class_names, index.class_names, strict=True)) if a != b)
+        raise UserError(f"{paths.weights}: the generalist's class names differ from {index.root}/classes.json "
+                        f"(class {i}: {card.class_names[i]!r} vs {index.class_names[i]!r})")
+    if card.in_channels != cfg.data.channels:
+        raise UserError(f"{paths.weights}: the generalist takes {card.in_channels}-channel images but "
+                        f"data.channels={cfg.data.channels}")
+    return card
+
+
+def load_generalist(cfg: RunConfig, index: ShardIndex, device: torch.device) -> tuple[torch.nn.Module, ModelCard]:
+    card = generalist_card(cfg, index)
+    return load_model(RunLayout(cfg.run_dir).generalist, device=device, card=card)

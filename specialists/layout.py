@@ -1,0 +1,173 @@
+"""Every file of a run and of a prepared data set, named in one place.
+
+Stages, tests, scripts and reports reach files only through :class:`RunLayout` and
+:class:`DataLayout` (as timm's ``CheckpointSaver`` alone names checkpoint files); no other
+module spells a run file's name. ``specialists paths --config …`` prints them for scripts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+WEIGHTS = "model.safetensors"
+CARD = "model.json"
+
+
+@dataclass(frozen=True)
+class ModelPaths:
+    """The files of one trained model: weights, card, training log, checkpoints."""
+
+    dir: Path
+
+    @property
+    def weights(self) -> Path:
+        return self.dir / WEIGHTS
+
+    @property
+    def card(self) -> Path:
+        return self.dir / CARD
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.dir / "checkpoints"
+
+    @property
+    def train_log(self) -> Path:
+        """One JSON line per epoch or evaluation (``metrics.jsonl``)."""
+        return self.dir / "metrics.jsonl"
+
+    @property
+    def config(self) -> Path:
+        return self.dir / "config.yaml"
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """The files of one run directory (``run_dir`` of the config)."""
+
+    root: Path
+
+    def __init__(self, root: str | Path) -> None:
+        object.__setattr__(self, "root", Path(root))
+
+    # --- the run as a whole
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def lock(self) -> Path:
+        return self.root / ".lock"
+
+    @property
+    def stage_times(self) -> Path:
+        return self.root / "stage_times.json"
+
+    @property
+    def stage_memory(self) -> Path:
+        return self.root / "stage_memory.json"
+
+    @property
+    def seeds(self) -> Path:
+        return self.root / "seeds.json"
+
+    def seed_run(self, seed: int) -> RunLayout:
+        return RunLayout(self.root / f"seed-{seed}")
+
+    # --- models
+    @property
+    def generalist(self) -> ModelPaths:
+        return ModelPaths(self.root / "generalist")
+
+    @property
+    def specialists_dir(self) -> Path:
+        return self.root / "specialists"
+
+    def specialist(self, m: int) -> ModelPaths:
+        return ModelPaths(self.specialists_dir / f"{m:03d}")
+
+    @property
+    def control(self) -> ModelPaths:
+        return ModelPaths(self.root / "control")
+
+    @property
+    def student(self) -> ModelPaths:
+        return ModelPaths(self.root / "student")
+
+    def model(self, role: str, m: int | None = None) -> ModelPaths:
+        """The files of a model by role: generalist, specialist (with ``m``), control, student."""
+        if role == "specialist":
+            if m is None:
+                raise ValueError("role 'specialist' needs the specialist id m")
+            return self.specialist(m)
+        return {"generalist": self.generalist, "control": self.control, "student": self.student}[role]
+
+    # --- clustering
+    @property
+    def clusters(self) -> Path:
+        return self.root / "clusters.json"
+
+    @property
+    def covariance(self) -> Path:
+        return self.root / "covariance.npy"
+
+    @property
+    def confusion(self) -> Path:
+        return self.root / "cluster" / "confusion.npz"
+
+    @property
+    def cluster_config(self) -> Path:
+        """The resolved config of the cluster stage (absolute shard path): ``report --run`` needs nothing else."""
+        return self.root / "cluster" / "config.yaml"
+
+    @property
+    def report_dir(self) -> Path:
+        return self.root / "report"
+
+    @property
+    def report_index(self) -> Path:
+        return self.report_dir / "index.html"
+
+    # --- evaluation
+    def metrics(self, split: str) -> Path:
+        return self.root / f"metrics-{split}.json"
+
+    def files(self) -> dict[str, Path]:
+        """Name → path of the run's fixed files (what ``specialists paths`` prints)."""
+        return {
+            "run_dir": self.root, "config": self.config, "generalist": self.generalist.weights,
+            "generalist_card": self.generalist.card, "clusters": self.clusters, "covariance": self.covariance,
+            "confusion": self.confusion, "report": self.report_index, "specialists": self.specialists_dir,
+            "control": self.control.weights, "student": self.student.weights,
+            "metrics_test": self.metrics("test"), "metrics_val": self.metrics("val"),
+            "stage_times": self.stage_times, "stage_memory": self.stage_memory,
+        }
+
+
+@dataclass(frozen=True)
+class DataLayout:
+    """The files of a prepared shard directory (``data.shards``)."""
+
+    root: Path
+
+    def __init__(self, root: str | Path) -> None:
+        object.__setattr__(self, "root", Path(root))
+
+    @property
+    def index(self) -> Path:
+        return self.root / "index.json"
+
+    @property
+    def classes(self) -> Path:
+        return self.root / "classes.json"
+
+    @property
+    def card(self) -> Path:
+        """DATA.md: how the data was made (sources that write one)."""
+        return self.root / "DATA.md"
+
+    @staticmethod
+    def shard_pattern(split: str) -> str:
+        """``%``-pattern of a split's shard names; ``byclass`` for the by-class shards."""
+        return f"{split}-%06d.tar"

@@ -1,0 +1,102 @@
+"""``specialists evaluate``: the generalist against the ensemble (and the control) on a held-out split
+(section 5, tables 3–4), exact under any number of processes.
+
+Prints plain-text tables and writes the run's ``metrics-<split>.json`` (see
+:mod:`specialists.evaluation` for its figures), recording per specialist the dustbin correction
+the engine applied.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import Any
+
+from ..artifacts.metrics import write_metrics
+from ..config import RunConfig
+from ..context import make_accelerator, open_shards
+from ..data.pipeline import eval_batches
+from ..ensemble import LoadedEnsemble, load_control_engine, load_ensemble
+from ..errors import UserError
+from ..evaluation import BASELINE, compute_metrics, evaluate_engines, format_tables
+from ..layout import RunLayout
+
+log = logging.getLogger(__name__)
+
+NAME = "evaluate"
+HELP = "generalist vs ensemble on the test split (works under accelerate launch)"
+DESCRIPTION = ("Top-1 of the generalist and of the ensemble (routing inference.top_n, solver inference.solver), "
+               "the conditional accuracy on classes covered by specialists (paper's table 3), the change by number "
+               "of covering specialists (table 4), McNemar's exact test and each specialist alone. Prints tables "
+               "and writes <run_dir>/metrics-<split>.json.")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--split", default="test", help="split to evaluate on (default: test)")
+
+
+def is_done(cfg: RunConfig) -> bool:
+    """Never: evaluation is cheap and reflects the inference settings of the moment."""
+    return False
+
+
+def command(cfg: RunConfig, args: argparse.Namespace) -> int:
+    metrics = run(cfg, split=args.split)
+    if metrics is not None:  # the main process
+        print(describe(metrics))
+    return 0
+
+
+def describe(metrics: dict[str, Any]) -> str:
+    return f"{format_tables(metrics)}\n\nmetrics written to {RunLayout(metrics['run_dir']).metrics(metrics['split'])}"
+
+
+def applied_corrections(loaded: LoadedEnsemble) -> list[dict[str, Any]]:
+    """Per specialist: the dustbin bias and temperature the engine applies (not merely those fitted)."""
+    engine = loaded.engine
+    return [{"id": m, "path": str(p), "sha256": card.sha256,
+             "applied": {"correction": loaded.correction, "dustbin_bias": engine.dustbin_biases[i],
+                         "temperature": engine.temperatures[i]}}
+            for i, (m, p, card) in enumerate(zip(loaded.ids, loaded.specialist_paths, loaded.specialist_cards,
+                                                 strict=True))]
+
+
+def run(cfg: RunConfig, *, split: str = "test") -> dict[str, Any] | None:
+    """Evaluate the run's ensemble on ``split``; the main process returns the metrics (others: None)."""
+    index = open_shards(cfg)
+    if split not in index.splits:
+        raise UserError(f"{index.root}: no {split!r} split (have: {', '.join(index.splits)})")
+    accelerator = make_accelerator(cfg)
+    loaded = load_ensemble(cfg, accelerator.device)
+    if loaded.class_names != index.class_names:
+        raise UserError(f"{loaded.generalist_path}: the generalist's {loaded.num_classes} classes differ from "
+                        f"{index.root}/classes.json ({index.num_classes} classes)")
+    engines = {"ensemble": loaded.engine}
+    if cfg.inference.control:
+        control = load_control_engine(cfg, loaded)
+        if control is None:
+            log.warning("inference.control is set but %s is missing (run `specialists train-control`); "
+                        "evaluating without the control", RunLayout(cfg.run_dir).control.weights)
+        else:
+            engines["control"] = control
+    rank, world = accelerator.process_index, accelerator.num_processes
+    batches = eval_batches(index, cfg.data, split, rank=rank, world_size=world, batch_size=cfg.inference.batch_size)
+    records = evaluate_engines(engines, batches, data_cfg=cfg.data, accelerator=accelerator,
+                               desc=f"evaluate on {split}")
+    metrics = None
+    if accelerator.is_main_process:
+        icfg = cfg.inference
+        metrics = {
+            "split": split, "run_dir": str(cfg.run_dir), "num_examples": records.num_examples,
+            "num_classes": loaded.num_classes, "num_specialists": len(loaded.sets), "world_size": world,
+            "inference": {"top_n": icfg.top_n, "solver": icfg.solver, "bias": icfg.bias, "correction": loaded.correction,
+                          "tol": icfg.tol, "max_iter": icfg.max_iter},
+            "models": {"generalist": {"path": str(loaded.generalist_path), "sha256": loaded.generalist_card.sha256},
+                       "specialists": applied_corrections(loaded)},
+            "baseline": BASELINE,
+            **compute_metrics(records, loaded.sets, ids=loaded.ids),
+        }
+        write_metrics(RunLayout(cfg.run_dir).metrics(split), metrics)
+        log.info("metrics written to %s", RunLayout(cfg.run_dir).metrics(split))
+    accelerator.wait_for_everyone()
+    return metrics

@@ -1,0 +1,330 @@
+"""``specialists train-specialists``: one specialist per class set, independently (sections 5.2, 6.1).
+
+Under ``accelerate launch`` with P processes, process r trains the specialists with
+m mod P = r, each on its own (no gradient sync between specialists). Each specialist starts
+as a copy of the generalist with a dustbin head (:func:`~specialists.models.surgery.make_specialist`),
+trains on the enriched stream (a fraction f of every batch from its classes), keeps the
+weights of its best val conditional accuracy, and fits its dustbin corrections on val.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+
+from inference import active_specialists
+
+from ..artifacts.clusters import load_clusters
+from ..artifacts.deciding import check_same
+from ..artifacts.model_card import (
+    ModelCard,
+    SpecialistHead,
+    build_card,
+    is_finished,
+    load_model,
+    read_card,
+    save_model,
+    write_card,
+)
+from ..artifacts.shard_index import ShardIndex
+from ..bias import dustbin_bias, fit_bias_and_temperature
+from ..config import RunConfig
+from ..context import (
+    TRAIN_DATA_KEYS,
+    deciding_values,
+    generalist_card,
+    load_generalist,
+    make_accelerator,
+    open_shards,
+)
+from ..data.enriched import EnrichedStream, enriched_batches
+from ..data.pipeline import load_split, normalize
+from ..errors import UserError
+from ..layout import RunLayout
+from ..models.surgery import collapse_logits, make_specialist, map_labels, penultimate_features
+from ..train import Checkpointer, StreamSource, TrainLoop, build_optimizer, warmup_cosine
+from ..train.losses import specialist_loss
+
+log = logging.getLogger(__name__)
+
+NAME = "train-specialists"
+HELP = "train the specialists of clusters.json (works under accelerate launch)"
+DESCRIPTION = ("Train one specialist per class set in <run_dir>/clusters.json, initialised from the generalist, with "
+               "a dustbin class, enriched batches and a dustbin bias. Under `accelerate launch --num_processes P`, "
+               "process r trains the specialists m with m mod P = r. Finished specialists are skipped; an "
+               "interrupted one resumes.")
+DECIDING = ("seed", *TRAIN_DATA_KEYS, "specialists")
+# The correction applied at inference is chosen then (every fit is in the card); checkpoints do not change weights.
+NOT_DECIDING = ("specialists.bias", "specialists.checkpoint_every")
+MIN_ROUTED = 50  # fewer routed val images than this: the routed fit falls back to all of val
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--only", help="comma-separated specialist ids to train, e.g. 0,3")
+    p.add_argument("--force", action="store_true", help="retrain even finished specialists")
+    p.add_argument("--refit-bias", action="store_true",
+                   help="only refit the dustbin bias/temperature of finished specialists on val (cards rewritten)")
+
+
+def deciding(cfg: RunConfig, index: ShardIndex, generalist: ModelCard, classes: list[int]) -> dict[str, Any]:
+    return deciding_values(cfg, DECIDING, drop=NOT_DECIDING, index=index, generalist=generalist.sha256,
+                           classes=list(classes))
+
+
+def is_done(cfg: RunConfig) -> bool:
+    """Every specialist of clusters.json is trained, with this config, on these sets."""
+    layout = RunLayout(cfg.run_dir)
+    if not layout.clusters.is_file():
+        return False
+    index = ShardIndex.load(cfg.data.shards)
+    clusters = load_clusters(layout.clusters, index.class_names)
+    gcard = generalist_card(cfg, index)
+    for m, classes in zip(clusters.ids, clusters.sets, strict=True):
+        paths = layout.specialist(m)
+        if not is_finished(paths):
+            return False
+        _check_finished(read_card(paths), paths.card, m, deciding(cfg, index, gcard, classes))
+    return True
+
+
+def _check_finished(card: ModelCard, where: Path, m: int, current: dict[str, Any]) -> None:
+    check_same(card.deciding, current, what=where, made=f"specialist {m} trained",
+               redo=f"retrain it with `specialists train-specialists --only {m} --force`")
+
+
+def command(cfg: RunConfig, args: argparse.Namespace) -> int:
+    only = None
+    if args.only:
+        try:
+            only = [int(v) for v in args.only.split(",") if v.strip()]
+        except ValueError:
+            raise UserError(f"--only {args.only!r}: expected comma-separated specialist ids, e.g. 0,3") from None
+    for path in run(cfg, only=only, force=args.force, refit=args.refit_bias):
+        print(path)
+    return 0
+
+
+# ------------------------------------------------------------------------ what they share
+@dataclass
+class Context:
+    """What every specialist of a run shares: data, generalist, held-out split, device."""
+
+    cfg: RunConfig
+    index: ShardIndex
+    accelerator: Accelerator
+    generalist: torch.nn.Module
+    generalist_card: ModelCard
+    val_images: torch.Tensor  # uint8 (N, C, S, S)
+    val_labels: torch.Tensor  # (N,)
+    val_logits: torch.Tensor  # (N, C) generalist logits
+    val_features: torch.Tensor  # (N, D) generalist penultimate features
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+
+def build_context(cfg: RunConfig, accelerator: Accelerator) -> Context:
+    index = open_shards(cfg)
+    generalist, card = load_generalist(cfg, index, accelerator.device)
+    for p in generalist.parameters():
+        p.requires_grad_(False)
+    images, labels = load_split(index, cfg.data, "val")
+    ctx = Context(cfg, index, accelerator, generalist, card, images, labels, torch.empty(0), torch.empty(0))
+    ctx.val_logits, ctx.val_features = run_batches(generalist, images, ctx, features=True)
+    return ctx
+
+
+@torch.inference_mode()
+def run_batches(model: torch.nn.Module, images: torch.Tensor, ctx: Context, *, features: bool = False,
+                batch_size: int = 1000):
+    """Logits (and penultimate features) of ``model`` over uint8 ``images``, in batches."""
+    outs, feats = [], []
+    for start in range(0, len(images), batch_size):
+        x = normalize(images[start : start + batch_size].to(ctx.device), ctx.cfg.data)
+        with ctx.accelerator.autocast():
+            if features:
+                h, z = penultimate_features(model, x)
+                feats.append(h.float().cpu())
+            else:
+                z = model(x)
+        outs.append(z.float().cpu())
+    logits = torch.cat(outs)
+    return (logits, torch.cat(feats)) if features else logits
+
+
+# --------------------------------------------------------------------- held-out figures
+def conditional_accuracy(logits: torch.Tensor, labels: torch.Tensor, classes: list[int], *, full_head: bool) -> float:
+    """Accuracy on images of Sᵐ with the prediction restricted to Sᵐ (dustbin excluded)."""
+    mask = torch.isin(labels, torch.tensor(classes))
+    if not mask.any():
+        return float("nan")
+    z = logits[mask][:, classes] if full_head else logits[mask][:, : len(classes)]
+    target = map_labels(labels[mask], classes, num_classes=max(int(labels.max()) + 1, max(classes) + 1))
+    return (z.argmax(dim=1) == target).float().mean().item()
+
+
+def routed_mask(general_logits: torch.Tensor, classes: list[int], top_n: int) -> torch.Tensor:
+    """(N,) bool: images the ensemble routes to this specialist (a class of Sᵐ in the generalist's
+    top-n), by the engine's own routing."""
+    return active_specialists(general_logits, [classes], top_n=min(top_n, general_logits.shape[1]))[:, 0]
+
+
+def dustbin_fits(val_logits: torch.Tensor, ctx: Context, classes: list[int]) -> dict[str, Any]:
+    """Dustbin bias and temperature fitted on val two ways (card fields).
+
+    ``fitted_*``: on every val image — the natural distribution, as the prior formula assumes.
+    ``routed_*``: on the val images the ensemble routes to this specialist (inference.top_n) —
+    the distribution it really sees, where most images *are* of Sᵐ (docs/RESULTS.md).
+    """
+    targets = map_labels(ctx.val_labels, classes, ctx.index.num_classes)
+    fitted_bias, fitted_t = fit_bias_and_temperature(val_logits, targets)
+    mask = routed_mask(ctx.val_logits, classes, ctx.cfg.inference.top_n)
+    if int(mask.sum()) >= MIN_ROUTED:
+        routed_bias, routed_t = fit_bias_and_temperature(val_logits[mask], targets[mask])
+    else:
+        routed_bias, routed_t = fitted_bias, fitted_t
+    return {"fitted_bias": fitted_bias, "fitted_temperature": fitted_t, "routed_bias": routed_bias,
+            "routed_temperature": routed_t, "routed_top_n": ctx.cfg.inference.top_n, "routed_val_images": int(mask.sum())}
+
+
+# ---------------------------------------------------------------------- one specialist
+def train_one(ctx: Context, m: int, classes: list[int], *, force: bool = False) -> Path:
+    cfg, scfg = ctx.cfg, ctx.cfg.specialists
+    paths = RunLayout(cfg.run_dir).specialist(m)
+    decided = deciding(cfg, ctx.index, ctx.generalist_card, classes)
+    counts = ctx.index.class_counts("train")
+    prior = float(counts[classes].sum() / counts.sum())
+    full_head = scfg.head == "full"
+    set_seed(cfg.seed + 1000 * (m + 1))
+    model = make_specialist(ctx.generalist, classes, head=scfg.head, features=ctx.val_features, logits=ctx.val_logits)
+    optimizer = build_optimizer(model, scfg.optimizer, scfg.lr, scfg.momentum, scfg.weight_decay)
+    scheduler = warmup_cosine(optimizer, scfg.warmup_steps, scfg.steps)
+    checkpoints = Checkpointer(paths.checkpoints, deciding={**decided, "precision": ctx.accelerator.mixed_precision})
+    loop = TrainLoop(ctx.accelerator, model, optimizer, scheduler, checkpointer=checkpoints, ddp=False,
+                     checkpoint_every=scfg.checkpoint_every, desc=f"specialist {m}",
+                     show_progress=ctx.accelerator.is_local_main_process)
+    if force:
+        checkpoints.clear()
+    loop.resume()
+    # The stream is seeded by (seed, m) alone: a resumed specialist replays it and skips what it used.
+    stream = EnrichedStream(ctx.index, cfg.data, classes, special_fraction=scfg.special_fraction,
+                            batch_size=cfg.data.batch_size, seed=hash((cfg.seed, m, 0)) % 2**31)
+    source = StreamSource(lambda: enriched_batches(stream, cfg.data.num_workers, seed=cfg.seed + m))
+    val_mask = torch.isin(ctx.val_labels, torch.tensor(classes))
+    general_cond = conditional_accuracy(ctx.val_logits, ctx.val_labels, classes, full_head=True)
+    need_teacher = scfg.soft_target_weight > 0 or full_head
+    start = time.perf_counter()
+
+    def loss_fn(model: torch.nn.Module, batch) -> tuple[torch.Tensor, int]:
+        images, labels, _ = batch
+        x = normalize(images.to(ctx.device, non_blocking=True), cfg.data)
+        labels = labels.to(ctx.device)
+        logits = model(x)
+        general = None
+        if need_teacher:
+            with torch.no_grad():
+                general = ctx.generalist(x).float()
+        return specialist_loss(logits.float(), general, labels, classes, ctx.index.num_classes, head=scfg.head,
+                               soft_target_weight=scfg.soft_target_weight, temperature=scfg.temperature), len(labels)
+
+    def on_step(loop: TrainLoop) -> None:
+        st = loop.state
+        if st.step % scfg.eval_every and st.step != scfg.steps:
+            return
+        loop.model.eval()
+        acc = conditional_accuracy(run_batches(loop.model, ctx.val_images[val_mask], ctx), ctx.val_labels[val_mask],
+                                   classes, full_head=full_head)
+        st.log.setdefault("history", []).append([st.step, acc])
+        if acc > st.log.get("best_acc", -1.0):
+            st.log["best_acc"] = acc
+            loop.extra_weights["best"] = {k: v.detach().clone() for k, v in loop.unwrapped.state_dict().items()}
+
+    loop.fit(source, loss_fn, scfg.steps, on_step=on_step)
+    model = loop.unwrapped
+    model.load_state_dict(loop.extra_weights["best"])
+    model.eval()
+    val_logits = run_batches(model, ctx.val_images, ctx)
+    if full_head:
+        val_logits = collapse_logits(val_logits, classes)
+    head = SpecialistHead(id=m, classes=list(classes), head=scfg.head, special_fraction=scfg.special_fraction,
+                          special_fraction_in_data=prior, prior_bias=dustbin_bias(prior, scfg.special_fraction),
+                          **dustbin_fits(val_logits, ctx, classes))
+    best = loop.state.log["best_acc"]
+    gcard = ctx.generalist_card
+    card = build_card("specialist", arch=gcard.arch, arch_kwargs=gcard.arch_kwargs,
+                      num_outputs=ctx.index.num_classes if full_head else len(classes) + 1,
+                      class_names=ctx.index.class_names, data_cfg=cfg.data, data=ctx.index.root, deciding=decided,
+                      source_generalist=gcard.sha256, specialist=head,
+                      training={"steps": scfg.steps, "lr": scfg.lr, "bias_method": scfg.bias,
+                                "soft_target_weight": scfg.soft_target_weight, "temperature": scfg.temperature,
+                                "val_conditional_accuracy": best, "generalist_val_conditional_accuracy": general_cond,
+                                "val_history": loop.state.log["history"],
+                                "samples_read": stream.stats.read if cfg.data.num_workers == 0 else None,
+                                "trained_by_rank": ctx.accelerator.process_index,
+                                "world_size": ctx.accelerator.num_processes, "seconds": time.perf_counter() - start})
+    save_model(paths, model, card)
+    checkpoints.clear()
+    loop.close()
+    log.info("specialist %d (%d classes): val conditional accuracy %.4f (generalist %.4f), routed bias %.3f, T %.2f",
+             m, len(classes), best, general_cond, head.routed_bias, head.routed_temperature)
+    return paths.weights
+
+
+def refit_dustbin(ctx: Context, m: int, classes: list[int]) -> Path:
+    """Recompute a finished specialist's val fits (:func:`dustbin_fits`) and rewrite its card; the
+    weights are not touched. For another ``inference.top_n`` than the one it was fitted for."""
+    paths = RunLayout(ctx.cfg.run_dir).specialist(m)
+    if not is_finished(paths):
+        raise UserError(f"{paths.weights}: specialist {m} is not trained; --refit-bias needs finished specialists")
+    model, card = load_model(paths, device=ctx.device)
+    logits = run_batches(model.eval(), ctx.val_images, ctx)
+    if card.specialist.head == "full":
+        logits = collapse_logits(logits, classes)
+    fits = dustbin_fits(logits, ctx, classes)
+    head = SpecialistHead(**{**card.specialist.__dict__, **fits})
+    write_card(paths, ModelCard(**{**card.__dict__, "specialist": head}))
+    log.info("specialist %d: routed bias %.3f, T %.2f on %d val images (all of val: %.3f, %.2f)", m,
+             head.routed_bias, head.routed_temperature, head.routed_val_images, head.fitted_bias,
+             head.fitted_temperature)
+    return paths.weights
+
+
+# ----------------------------------------------------------------------------- the stage
+def run(cfg: RunConfig, *, only: list[int] | None = None, force: bool = False, refit: bool = False) -> list[Path]:
+    """Train every specialist of ``clusters.json`` (or ``only`` those ids) not trained yet; with
+    ``refit``, only refit the dustbin corrections of finished ones."""
+    layout = RunLayout(cfg.run_dir)
+    accelerator = make_accelerator(cfg)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    ctx = build_context(cfg, accelerator)
+    clusters = load_clusters(layout.clusters, ctx.index.class_names)
+    if only is not None:
+        unknown = sorted(set(only) - set(clusters.ids))
+        if unknown:
+            raise UserError(f"--only {unknown}: no such specialist in {layout.clusters} "
+                            f"(ids {clusters.ids[0]}..{clusters.ids[-1]})")
+    paths = []
+    for m, classes in zip(clusters.ids, clusters.sets, strict=True):
+        if m % world != rank or (only is not None and m not in only):
+            continue
+        spec = layout.specialist(m)
+        if refit:
+            paths.append(refit_dustbin(ctx, m, list(classes)))
+        elif is_finished(spec) and not force:
+            _check_finished(read_card(spec), spec.card, m, deciding(cfg, ctx.index, ctx.generalist_card, classes))
+            log.info("specialist %d already trained: %s", m, spec.weights)
+            paths.append(spec.weights)
+        else:
+            paths.append(train_one(ctx, m, list(classes), force=force))
+    accelerator.wait_for_everyone()
+    return paths
+

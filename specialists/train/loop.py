@@ -1,0 +1,201 @@
+"""The one training loop (accelerate), shared by the generalist, the specialists, the control and
+the distilled student.
+
+A stage builds its model, optimiser and schedule, says where its batches come from (a
+:class:`EpochSource` of sized epochs or a :class:`StreamSource` that never ends) and what the
+loss of a batch is; :meth:`TrainLoop.fit` does the rest: ``accumulate``, ``autocast``,
+``backward``, the schedule, checkpoints every ``checkpoint_every`` optimiser steps and at every
+epoch end, and callbacks for evaluation. A resumed run replays the data from the start of the
+checkpoint's epoch and skips what was consumed; with the RNG state restored, it ends with the
+same weights as an uninterrupted run.
+
+``ddp=True`` (generalist, student): the model is wrapped by ``accelerator.prepare`` and every
+process trains it on its share of the data. ``ddp=False`` (a specialist, the control): this
+process trains the model alone, even when other processes train other models.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+import torch
+from accelerate import Accelerator
+
+from ..config import DataConfig
+from ..data.pipeline import normalize
+from ..errors import DataError
+from ..progress import progress_bar
+from .checkpoint import Checkpointer, restore_rng
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainState:
+    """Where training is; saved *inside* every checkpoint (never parsed from a folder name)."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # current epoch
+    batch_in_epoch: int = 0  # batches of the current epoch already consumed
+    epoch_loss: float = 0.0  # summed over this epoch's samples so far (this process)
+    epoch_samples: int = 0
+    log: dict[str, Any] = field(default_factory=dict)  # a stage's own JSON values (history, best score…)
+
+
+class BatchSource(Protocol):
+    def iterate(self, epoch: int, skip: int) -> Iterator[tuple[int, int, bool, Any]]:
+        """(epoch, index in epoch, last of its epoch, batch) from ``epoch``, its first ``skip`` batches skipped."""
+
+
+class EpochSource:
+    """Epochs of ``make_epoch(e)`` (a sized iterable of batches), ``num_epochs`` of them or without end."""
+
+    def __init__(self, make_epoch: Callable[[int], Iterable], num_epochs: int | None = None) -> None:
+        self.make_epoch = make_epoch
+        self.num_epochs = num_epochs
+
+    def iterate(self, epoch: int, skip: int) -> Iterator[tuple[int, int, bool, Any]]:
+        e = epoch
+        while self.num_epochs is None or e < self.num_epochs:
+            batches = self.make_epoch(e)
+            n = len(batches)
+            if n == 0:
+                raise DataError(f"epoch {e} has no batches")
+            for i, batch in enumerate(batches):
+                if e == epoch and i < skip:
+                    continue  # resumed mid-epoch: the data order is reproducible, so skip what was done
+                yield e, i, i == n - 1, batch
+            e += 1
+
+
+class StreamSource:
+    """One endless stream of batches (epoch 0), e.g. a specialist's enriched batches."""
+
+    def __init__(self, make_stream: Callable[[], Iterable]) -> None:
+        self.make_stream = make_stream
+
+    def iterate(self, epoch: int, skip: int) -> Iterator[tuple[int, int, bool, Any]]:
+        for i, batch in enumerate(self.make_stream()):
+            if i < skip:
+                continue
+            yield 0, i, False, batch
+
+
+LossFn = Callable[[torch.nn.Module, Any], tuple[torch.Tensor, int]]  # (model, batch) → (loss, samples)
+Hook = Callable[["TrainLoop"], None]
+
+
+class TrainLoop:
+    def __init__(self, accelerator: Accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 scheduler: torch.optim.lr_scheduler.LRScheduler, *, checkpointer: Checkpointer, ddp: bool,
+                 checkpoint_every: int = 0, channels_last: bool = False, desc: str = "train",
+                 show_progress: bool = True) -> None:
+        self.accelerator = accelerator
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        if ddp:
+            self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        else:
+            self.model = model.to(accelerator.device)
+            self.optimizer = accelerator.prepare_optimizer(optimizer)
+        self.scheduler = scheduler
+        self.checkpointer = checkpointer
+        self.checkpoint_every = checkpoint_every
+        self.channels_last = channels_last
+        self.desc = desc
+        self.show_progress = show_progress
+        self.state = TrainState()
+        self.extra_weights: dict[str, dict[str, torch.Tensor]] = {}  # e.g. a specialist's best state
+
+    @property
+    def unwrapped(self) -> torch.nn.Module:
+        return self.accelerator.unwrap_model(self.model)
+
+    def inputs(self, images: torch.Tensor, data_cfg: DataConfig) -> torch.Tensor:
+        """uint8 images → the model's normalised float input on this loop's device."""
+        x = normalize(images.to(self.accelerator.device, non_blocking=True), data_cfg)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.ndim == 4 else x
+
+    # -------------------------------------------------------------- checkpoints
+    def resume(self) -> bool:
+        """Load the newest checkpoint (an error if its deciding values differ); False if there is none."""
+        loaded = self.checkpointer.load(self.accelerator.device)
+        if loaded is None:
+            return False
+        self.unwrapped.load_state_dict(loaded.weights)
+        self.optimizer.load_state_dict(loaded.optimizer["optimizer"])
+        self.scheduler.load_state_dict(loaded.optimizer["scheduler"])
+        scaler = getattr(self.accelerator, "scaler", None)
+        if scaler is not None and loaded.optimizer.get("scaler") is not None:
+            scaler.load_state_dict(loaded.optimizer["scaler"])
+        self.state = TrainState(**loaded.state)
+        self.extra_weights = loaded.extra
+        restore_rng(loaded.rng)
+        log.info("%s: resumed from %s at step %d (epoch %d, batch %d)", self.desc, loaded.path.name, self.state.step,
+                 self.state.epoch + 1, self.state.batch_in_epoch)
+        return True
+
+    def save_checkpoint(self) -> None:
+        scaler = getattr(self.accelerator, "scaler", None)
+        self.checkpointer.save(
+            self.state.step, weights=self.unwrapped.state_dict(), state=asdict(self.state), extra=self.extra_weights,
+            optimizer={"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                       "scaler": scaler.state_dict() if scaler is not None else None})
+
+    # --------------------------------------------------------------------- loop
+    def fit(self, source: BatchSource, loss_fn: LossFn, total_steps: int, *, on_step: Hook | None = None,
+            on_epoch_end: Hook | None = None) -> TrainState:
+        """Train until ``total_steps`` optimiser steps (or the source's last epoch) are done."""
+        acc, st = self.accelerator, self.state
+        if st.step >= total_steps:
+            return st
+        bar = progress_bar(total_steps, initial=st.step, main_process=self.show_progress, desc=self.desc,
+                           unit="step", leave=False)
+        loss_sum = torch.tensor(st.epoch_loss, dtype=torch.float64, device=acc.device)  # no sync per step
+
+        def sync_loss() -> None:
+            st.epoch_loss = float(loss_sum)
+
+        self.model.train()
+        for epoch, i, last, batch in source.iterate(st.epoch, st.batch_in_epoch):
+            with acc.accumulate(self.model):
+                with acc.autocast():
+                    loss, samples = loss_fn(self.model, batch)
+                acc.backward(loss)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            st.epoch, st.batch_in_epoch = epoch, i + 1
+            loss_sum += loss.detach().double() * samples
+            st.epoch_samples += samples
+            stepped = acc.sync_gradients
+            if stepped:
+                self.scheduler.step()
+                st.step += 1
+                bar.update(1)
+                if on_step is not None:
+                    sync_loss()
+                    on_step(self)
+                    self.model.train()
+            if last:
+                sync_loss()
+                if on_epoch_end is not None:
+                    on_epoch_end(self)
+                    self.model.train()
+                st.epoch, st.batch_in_epoch, st.epoch_loss, st.epoch_samples = epoch + 1, 0, 0.0, 0
+                loss_sum.zero_()
+                self.save_checkpoint()
+            elif stepped and self.checkpoint_every and st.step % self.checkpoint_every == 0 and st.step < total_steps:
+                sync_loss()
+                self.save_checkpoint()
+            if st.step >= total_steps:
+                break
+        sync_loss()
+        bar.close()
+        return st
+
+    def close(self) -> None:
+        """Drop accelerate's references to this loop's model and optimiser (many specialists, one process)."""
+        self.accelerator.free_memory()
