@@ -16,14 +16,11 @@ import torch
 from torch import Tensor, nn
 
 from inference._sets import ClassSets, SetTable, check_class_sets, table_on
+from inference.em import densify, solve_em
+from inference.gradient import solve_gradient
 from inference.routing import route
-from inference.solver import (
-    _check_options,
-    compact_topk,
-    densify,
-    solve_em,
-    solve_gradient,
-)
+from inference.solver import check_options
+from inference.topk import compact_topk
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +105,7 @@ class EnsembleEngine:
             raise ValueError(f"temperatures must be {num_spec} positive numbers, got {temperatures!r}")
         if isinstance(top_n, bool) or not isinstance(top_n, int) or top_n < 1:
             raise ValueError(f"top_n must be an int >= 1, got {top_n!r}")
-        self.max_iter = _check_options(method, tol, max_iter)
+        self.max_iter = check_options(method, tol, max_iter)
         self.generalist = generalist.eval()
         self.specialists = [s.eval() for s in specialists]
         self.class_sets = [torch.as_tensor(s) for s in class_sets]

@@ -17,16 +17,13 @@ variant() {  # name, overrides... (clustering.* overrides recluster in the varia
   local dir="$OUT/$name"
   sweep_done "$name" && return 0
   mkdir -p "$dir"
-  [ -e "$dir/generalist" ] || cp -r "$RUN/generalist" "$dir/generalist"
+  start_from "$RUN" "$dir"
   if [[ "$*" == *clustering.* ]]; then
-    $S cluster $C --set run_dir="$dir" "$@"
-  else
-    cp "$RUN/clusters.json" "$dir/clusters.json"
+    $S cluster $C --set run_dir="$dir" --force "$@"
   fi
   $S train-specialists $C --set run_dir="$dir" "$@"
   $S evaluate $C --set run_dir="$dir" --set inference.control=false --split val "$@" > "$dir/val.txt"
-  cp "$dir/metrics.json" "$dir/val.json"
-  sweep_row "$name" "$*" "$dir/val.json"
+  sweep_row "$name" "$*" "$(run_path "$dir" metrics_val)"
 }
 
 variant default
@@ -45,7 +42,7 @@ for n in 2 3; do
   sweep_done "$name" && continue
   $S evaluate $C --set run_dir="$OUT/default" --set inference.control=false --set inference.top_n=$n \
      --split val > "$OUT/default/val-top-$n.txt"
-  cp "$OUT/default/metrics.json" "$OUT/default/val-top-$n.json"
+  cp "$(run_path "$OUT/default" metrics_val)" "$OUT/default/val-top-$n.json"
   sweep_row "$name" "--set inference.top_n=$n" "$OUT/default/val-top-$n.json"
 done
 column -t -s $'\t' "$TSV"

@@ -7,18 +7,18 @@ set -euo pipefail
 RUN=${1:-runs/fashion-mnist}
 OUT=${2:-$RUN-variants}
 C="--config configs/fashion-mnist.yaml"
-S=".venv/bin/specialists"
+S=${SPECIALISTS:-.venv/bin/specialists}
+. "$(dirname "$0")/sweep-lib.sh"
 mkdir -p "$OUT"
 variant() {  # name, overrides...
   local name=$1; shift
   local dir="$OUT/$name"
   mkdir -p "$dir"
-  [ -e "$dir/generalist" ] || cp -r "$RUN/generalist" "$dir/generalist"
-  cp "$RUN/clusters.json" "$dir/clusters.json"
+  start_from "$RUN" "$dir"
   $S train-specialists $C --set run_dir="$dir" "$@"
   for bias in prior fit none; do
     $S evaluate $C --set run_dir="$dir" --set inference.bias=$bias --split val "$@" > "$dir/val-$bias.txt"
-    cp "$dir/metrics.json" "$dir/val-$bias.json"
+    cp "$(run_path "$dir" metrics_val)" "$dir/val-$bias.json"
   done
 }
 variant dustbin                --set specialists.head=dustbin --set specialists.soft_target_weight=0

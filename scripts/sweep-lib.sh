@@ -2,6 +2,8 @@
 # sweep_init OUT: create OUT and the TSV with its header (kept if present; sets TSV).
 # sweep_done NAME: true if NAME already has a line (finished variants are skipped on rerun).
 # sweep_row NAME SETTINGS METRICS_JSON: append the ensemble-vs-generalist figures of one evaluation.
+# run_path RUN NAME: where file NAME of run directory RUN is (`specialists paths`; needs S and C).
+# start_from SRC DST: run DST starts from SRC's generalist and clusters.json.
 sweep_init() {
   mkdir -p "$1"
   TSV="$1/sweep.tsv"
@@ -21,4 +23,15 @@ g, e = m["generalist"], m["ensemble"]
 mc = e["vs_generalist"]["mcnemar"]
 print(f"{name}\t{settings}\t{g['correct']}\t{e['correct']}\t{e['correct'] - g['correct']:+d}\t{mc['b']}\t{mc['c']}\t{mc['p_value']:.3g}")
 PY
+}
+
+run_path() {
+  $S paths $C --set run_dir="$1" "$2"
+}
+
+start_from() {
+  local gdst
+  gdst=$(run_path "$2" generalist_dir)
+  [ -e "$gdst" ] || { mkdir -p "$(dirname "$gdst")"; cp -r "$(run_path "$1" generalist_dir)" "$gdst"; }
+  cp "$(run_path "$1" clusters)" "$(run_path "$2" clusters)"
 }

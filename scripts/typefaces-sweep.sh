@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Val-only comparison of inference and specialist settings on a finished typefaces run
 # (docs/RESULTS.md, typefaces section). Inference variants reuse RUN's specialists (the routed
-# ones rewrite their sidecars' routed fit); training
+# ones rewrite their cards' routed fit); training
 # variants retrain them in OUT/<name> from RUN's generalist and clusters.
 #   bash scripts/typefaces-sweep.sh configs/typefaces-1000.yaml runs/typefaces-1000 runs/tf1000-sweep
 set -euo pipefail
@@ -17,7 +17,7 @@ evaluate() {  # name, dir, overrides...
   local name=$1 dir=$2; shift 2
   sweep_done "$name" && return 0
   $S evaluate $C --set run_dir="$dir" --set inference.control=false --split val "$@" > "$OUT/$name.txt"
-  cp "$dir/metrics.json" "$OUT/$name.json"
+  cp "$(run_path "$dir" metrics_val)" "$OUT/$name.json"
   sweep_row "$name" "$*" "$OUT/$name.json"
 }
 
@@ -26,8 +26,7 @@ train() {  # name, overrides...: retrain the specialists with the overrides, the
   local dir="$OUT/$name"
   sweep_done "$name" && return 0
   mkdir -p "$dir"
-  [ -e "$dir/generalist" ] || cp -r "$RUN/generalist" "$dir/generalist"
-  cp "$RUN/clusters.json" "$dir/clusters.json"
+  start_from "$RUN" "$dir"
   $S train-specialists $C --set run_dir="$dir" "$@"
   evaluate "$name" "$dir" "$@"
 }
@@ -38,7 +37,7 @@ for bias in fit prior none; do
   done
 done
 # The correction fitted on the val images routed to each specialist depends on top-n: refit the
-# sidecars of RUN's specialists for each n (weights untouched), then evaluate.
+# cards of RUN's specialists for each n (weights untouched), then evaluate.
 for n in 1 2 3; do
   sweep_done "bias-routed-top-$n" && continue
   $S train-specialists $C --set run_dir="$RUN" --refit-bias --set inference.top_n=$n > /dev/null

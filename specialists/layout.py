@@ -136,7 +136,8 @@ class RunLayout:
     def files(self) -> dict[str, Path]:
         """Name → path of the run's fixed files (what ``specialists paths`` prints)."""
         return {
-            "run_dir": self.root, "config": self.config, "generalist": self.generalist.weights,
+            "run_dir": self.root, "config": self.config, "generalist_dir": self.generalist.dir,
+            "generalist": self.generalist.weights,
             "generalist_card": self.generalist.card, "clusters": self.clusters, "covariance": self.covariance,
             "confusion": self.confusion, "report": self.report_index, "specialists": self.specialists_dir,
             "control": self.control.weights, "student": self.student.weights,

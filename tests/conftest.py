@@ -61,10 +61,13 @@ def tiny_generalist(tiny_shards, tmp_path_factory) -> Path:
 
 
 def write_clusters(run_dir: Path, class_names: list[str], sets: list[list[int]]) -> Path:
-    import json
+    """A hand-made clusters.json, not validated (bad ones too); no deciding values: any config may use it."""
+    from specialists.artifacts.clusters import format_clusters
+    from specialists.layout import RunLayout
 
-    path = run_dir / "clusters.json"
-    path.write_text(json.dumps({"num_classes": len(class_names), "class_names": class_names,
-                                "specialists": [{"id": m, "classes": s} for m, s in enumerate(sets)],
-                                "method": {"hand-made": True}}))
+    path = RunLayout(run_dir).clusters
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(format_clusters({"num_classes": len(class_names), "class_names": class_names,
+                                     "specialists": [{"id": m, "classes": s} for m, s in enumerate(sets)],
+                                     "method": {"hand-made": True}}))
     return path

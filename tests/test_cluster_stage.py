@@ -13,13 +13,14 @@ import numpy as np
 import pytest
 import torch
 
-from specialists.checkpoints import load_model, read_sidecar, save_model
-from specialists.cli import main
 from specialists.artifacts.clusters import load_clusters
+from specialists.artifacts.model_card import load_model, read_card, save_model
+from specialists.cli import main
 from specialists.config import load_config
 from specialists.data import ShardIndex, eval_batches, normalize
 from specialists.errors import UserError
 from specialists.io import read_json
+from specialists.layout import RunLayout
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
@@ -50,7 +51,7 @@ def new_run(trained: Path, where: Path) -> Path:
 def independent_outputs(run: Path, tiny_shards: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The generalist's softmax rows (N, C) float64, labels and top-1 on val, computed here without the stage."""
     cfg = load_config(ROOT / "configs/tiny.yaml", [f"data.shards={tiny_shards}"])
-    model, _ = load_model(run / "generalist/model.safetensors")
+    model, _ = load_model(RunLayout(run).generalist)
     probs, labels = [], []
     with torch.no_grad():
         for images, y, valid in eval_batches(ShardIndex.load(tiny_shards), cfg.data, "val", batch_size=7):
@@ -68,29 +69,30 @@ def clustered(trained, tiny_shards, tmp_path_factory) -> Path:
 
 
 def test_clusters_json_format_and_sets(clustered, tiny_shards):
-    data = json.loads((clustered / "clusters.json").read_text())
-    assert list(data) == ["num_classes", "class_names", "specialists", "method", "quality"]
+    data = json.loads(RunLayout(clustered).clusters.read_text())
+    assert list(data) == ["num_classes", "class_names", "specialists", "method", "quality", "deciding"]
     assert data["num_classes"] == 12 and data["class_names"] == ShardIndex.load(tiny_shards).class_names
     assert [s["id"] for s in data["specialists"]] == [0, 1, 2]  # tiny.yaml: 3 specialists, disjoint
     sets = [s["classes"] for s in data["specialists"]]
     assert sorted(i for s in sets for i in s) == list(range(12))
     assert sorted(sets) == PLANTED  # the planted groups of confusable classes are found
     method = data["method"]
-    assert method["generalist_sha256"] == read_sidecar(clustered / "generalist/model.safetensors")["sha256"]
+    assert method["generalist_sha256"] == read_card(RunLayout(clustered).generalist).sha256
+    assert data["deciding"]["generalist"] == method["generalist_sha256"] and data["deciding"]["clustering.num_specialists"] == 3
     assert (method["split"], method["world_size"], method["num_images"], method["num_specialists"]) == ("val", 1, 96, 3)
     assert method["columns"] == "correlation" and method["classes_per_specialist"] is None
-    clusters = load_clusters(clustered / "clusters.json", data["class_names"])
+    clusters = load_clusters(RunLayout(clustered).clusters, data["class_names"])
     assert clusters.sets == sets and clusters.ids == [0, 1, 2]
 
 
 def test_covariance_and_quality_match_an_independent_computation(clustered, tiny_shards):
     p, true, pred = independent_outputs(clustered, tiny_shards)
     assert p.shape == (96, 12)
-    cov = np.load(clustered / "covariance.npy")
+    cov = np.load(RunLayout(clustered).covariance)
     assert cov.dtype == np.float64 and cov.shape == (12, 12)
     np.testing.assert_allclose(cov, np.cov(p, rowvar=False, bias=True), rtol=0, atol=1e-10)
     # quality: errors whose (true, predicted) pair lies inside one set, counted by hand
-    data = read_json(clustered / "clusters.json")
+    data = read_json(RunLayout(clustered).clusters)
     sets = [set(s["classes"]) for s in data["specialists"]]
     errors = [(t, q) for t, q in zip(true, pred, strict=True) if t != q]
     inside = sum(any(t in s and q in s for s in sets) for t, q in errors)
@@ -101,7 +103,7 @@ def test_covariance_and_quality_match_an_independent_computation(clustered, tiny
     assert quality["chance_share"] == pytest.approx(3 * 4 * 3 / (12 * 11))  # 3 sets of 4: 36 of 132 ordered pairs
     assert quality["generalist_top1"] == pytest.approx((true == pred).mean())
     # the sparse confusion counts
-    with np.load(clustered / "cluster/confusion.npz") as z:
+    with np.load(RunLayout(clustered).confusion) as z:
         dense = np.zeros((12, 12), dtype=np.int64)
         dense[z["true"], z["pred"]] = z["count"]
     expected = np.zeros((12, 12), dtype=np.int64)
@@ -112,16 +114,17 @@ def test_covariance_and_quality_match_an_independent_computation(clustered, tiny
 def test_rerun_is_skipped_and_other_options_need_force(trained, tiny_shards, tmp_path, cli):
     run = new_run(trained, tmp_path)
     assert cli("cluster", *tiny_args(tiny_shards, run))[0] == 0
-    stamps = {f: (run / f).stat().st_mtime_ns for f in ("clusters.json", "covariance.npy")}
+    files = (RunLayout(run).clusters, RunLayout(run).covariance)
+    stamps = [f.stat().st_mtime_ns for f in files]
     code, out, _ = cli("cluster", *tiny_args(tiny_shards, run))
     assert code == 0 and "(already there)" in out
-    assert {f: (run / f).stat().st_mtime_ns for f in stamps} == stamps
+    assert [f.stat().st_mtime_ns for f in files] == stamps
     code, _, err = cli("cluster", *tiny_args(tiny_shards, run, "--set", "clustering.num_specialists=2"))
     assert code == 2 and err.count("\n") == 1
-    assert "made with other options (num_specialists: 3 → 2); pass --force" in err
+    assert "made with clustering.num_specialists=3, the config now says 2; pass --force to redo it" in err
     code, out, err = cli("cluster", *tiny_args(tiny_shards, run, "--set", "clustering.num_specialists=2"), "--force")
     assert code == 0, err
-    assert len(read_json(run / "clusters.json")["specialists"]) == 2
+    assert len(read_json(RunLayout(run).clusters)["specialists"]) == 2
 
 
 def test_overlapping_sets(trained, tiny_shards, tmp_path, cli):
@@ -129,7 +132,7 @@ def test_overlapping_sets(trained, tiny_shards, tmp_path, cli):
     code, out, err = cli("cluster", *tiny_args(tiny_shards, run, "--set", "clustering.num_specialists=3",
                                                "--set", "clustering.classes_per_specialist=5"))
     assert code == 0, err
-    data = read_json(run / "clusters.json")
+    data = read_json(RunLayout(run).clusters)
     sets = [s["classes"] for s in data["specialists"]]
     assert [len(s) for s in sets] == [5, 5, 5] and all(s == sorted(set(s)) for s in sets)
     assert data["method"]["classes_per_specialist"] == 5
@@ -141,22 +144,22 @@ def test_report_pages_and_files(clustered, tmp_path, monkeypatch, cli):
     monkeypatch.chdir(tmp_path)  # `report --run DIR` needs nothing but DIR
     code, out, err = cli("report", "--run", clustered)
     assert code == 0, err
-    index = clustered / "report/index.html"
+    index = RunLayout(clustered).report_index
     assert out.strip() == str(index)
     page = index.read_text()
     for m in range(3):
         assert f"specialist {m}</a>" in page
-    pages = [index] + [clustered / f"report/specialist-{m:03d}.html" for m in range(3)]
+    pages = [index] + [RunLayout(clustered).report_dir / f"specialist-{m:03d}.html" for m in range(3)]
     referenced = {ref for p in pages for ref in re.findall(r'(?:src|href)="([^"]+)"', p.read_text())}
     assert {"covariance.png", "coverage.png", "specialist-002.html", "confusion-000.png"} <= referenced
-    missing = [ref for ref in referenced if not (clustered / "report" / ref).is_file()]
+    missing = [ref for ref in referenced if not (RunLayout(clustered).report_dir / ref).is_file()]
     assert not missing
-    strips = sorted((clustered / "report/strips").iterdir())
+    strips = sorted((RunLayout(clustered).report_dir / "strips").iterdir())
     assert len(strips) == 12  # every class has example images
-    names = read_json(clustered / "clusters.json")["class_names"]
-    data = read_json(clustered / "clusters.json")
+    names = read_json(RunLayout(clustered).clusters)["class_names"]
+    data = read_json(RunLayout(clustered).clusters)
     for m, spec in enumerate(data["specialists"]):
-        text = (clustered / f"report/specialist-{m:03d}.html").read_text()
+        text = (RunLayout(clustered).report_dir / f"specialist-{m:03d}.html").read_text()
         assert all(names[i] in text for i in spec["classes"])
         assert text.split("<h2>Classes</h2>")[1].count('class="strip"') == len(spec["classes"])
         assert f'src="sheet-{m:03d}.png"' in text
@@ -177,31 +180,30 @@ def test_too_many_specialists_is_a_one_line_error(trained, tiny_shards, tmp_path
     code, _, err = cli("cluster", *tiny_args(tiny_shards, run, "--set", "clustering.num_specialists=7"))
     assert code == 2 and err.count("\n") == 1
     assert "clustering.num_specialists=7" in err and "tiny.yaml" in err and "at most 6 specialists" in err
-    assert not (run / "clusters.json").exists()
+    assert not RunLayout(run).clusters.exists()
 
 
 def test_missing_generalist_is_a_one_line_error(tiny_shards, tmp_path, cli):
     code, _, err = cli("cluster", *tiny_args(tiny_shards, tmp_path / "run"))
     assert code == 2 and err.count("\n") == 1
-    assert "generalist/model.safetensors: no generalist here; run `specialists train-generalist`" in err
+    assert f"{RunLayout(tmp_path / 'run').generalist.weights}: no generalist; run `specialists train-generalist`" in err
 
 
 def test_nan_outputs_are_a_one_line_error(trained, tiny_shards, tmp_path, cli):
     run = new_run(trained, tmp_path)
-    weights = run / "generalist/model.safetensors"
-    model, meta = load_model(weights)
+    model, card = load_model(RunLayout(run).generalist)
     with torch.no_grad():
         next(model.parameters()).fill_(float("nan"))
-    save_model(weights, model, {k: v for k, v in meta.items() if k not in ("format", "sha256")})
+    save_model(RunLayout(run).generalist, model, card)
     code, _, err = cli("cluster", *tiny_args(tiny_shards, run))
     assert code == 2 and err.count("\n") == 1
     assert "outputs on the val split contain NaN/Inf" in err
-    assert not (run / "clusters.json").exists() and not (run / "covariance.npy").exists()
+    assert not RunLayout(run).clusters.exists() and not RunLayout(run).covariance.exists()
 
 
 def test_generalist_of_other_classes_is_a_one_line_error(trained, tiny_shards, tmp_path, cli):
     run = new_run(trained, tmp_path)
-    sidecar = run / "generalist/model.json"
+    sidecar = RunLayout(run).generalist.card
     meta = read_json(sidecar)
     meta["class_names"][2] = "zebra"
     sidecar.write_text(json.dumps(meta))
@@ -228,7 +230,7 @@ def write_clusters(path: Path, **changes) -> Path:
     ({"specialists": []}, "specialists must be a non-empty list"),
 ])
 def test_load_clusters_rejects_what_does_not_fit(tmp_path, changes, message):
-    path = write_clusters(tmp_path / "clusters.json", **changes)
+    path = write_clusters(RunLayout(tmp_path).clusters, **changes)
     with pytest.raises(UserError) as info:
         load_clusters(path, ["a", "b", "c", "d"])
     assert str(info.value) == f"{path}: {message}"
@@ -238,12 +240,12 @@ def test_load_clusters_rejects_what_does_not_fit(tmp_path, changes, message):
 def test_report_on_mismatched_clusters_is_a_one_line_error(clustered, tmp_path, cli):
     run = tmp_path / "run"
     shutil.copytree(clustered, run, ignore=shutil.ignore_patterns("report"))
-    data = read_json(run / "clusters.json")
+    data = read_json(RunLayout(run).clusters)
     data["class_names"][0] = "cat"
-    (run / "clusters.json").write_text(json.dumps(data))
+    RunLayout(run).clusters.write_text(json.dumps(data))
     code, _, err = cli("report", "--run", run)
     assert code == 2 and err.count("\n") == 1
-    assert f"{run}/clusters.json: class_names differ" in err and "'cat'" in err
+    assert f"{RunLayout(run).clusters}: class_names differ" in err and "'cat'" in err
 
 
 def free_port() -> int:
@@ -262,9 +264,9 @@ def test_distributed_two_processes_give_the_same_covariance(clustered, trained, 
     result = subprocess.run(cmd, env={**ENV, "ACCELERATE_USE_CPU": "1"}, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("3 specialists over 12 classes") == 1  # printed by the main process only
-    data, single = read_json(run / "clusters.json"), read_json(clustered / "clusters.json")
+    data, single = read_json(RunLayout(run).clusters), read_json(RunLayout(clustered).clusters)
     assert data["method"]["world_size"] == 2 and data["method"]["num_images"] == 96
-    np.testing.assert_allclose(np.load(run / "covariance.npy"), np.load(clustered / "covariance.npy"),
+    np.testing.assert_allclose(np.load(RunLayout(run).covariance), np.load(RunLayout(clustered).covariance),
                                rtol=0, atol=1e-12)
     assert data["specialists"] == single["specialists"] and data["quality"] == single["quality"]
 
@@ -275,4 +277,4 @@ def test_report_without_a_clustered_run_is_a_one_line_error(trained, tmp_path, c
     run = new_run(trained, tmp_path / "run")  # a generalist's config, but no clusters.json yet
     code, _, err = cli("report", "--run", run)
     assert code == 2 and err.count("\n") == 1
-    assert f"{run}/clusters.json: not found; run `specialists cluster` first" in err
+    assert f"{RunLayout(run).clusters}: not found; run `specialists cluster` first" in err

@@ -29,8 +29,7 @@ def test_override_and_roundtrip(tmp_path):
     path.write_text(config_to_yaml(cfg))
     again = load_config(path)
     assert again == cfg
-    assert again.hash() == cfg.hash()
-    assert load_config(path, ["generalist.lr=0.3"]).hash() != cfg.hash()
+    assert load_config(path, ["generalist.lr=0.3"]) != cfg
 
 
 def test_int_accepted_for_float():

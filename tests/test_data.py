@@ -12,7 +12,13 @@ import webdataset as wds
 from PIL import Image
 
 from specialists.config import DataConfig
-from specialists.data.pipeline import RandomShiftFlip, ShardIndex, eval_batches, normalize, train_batches
+from specialists.data.pipeline import (
+    RandomShiftFlip,
+    ShardIndex,
+    eval_batches,
+    normalize,
+    train_batches,
+)
 from specialists.errors import DataError
 
 CFG = DataConfig(image_size=16, channels=1, mean=(0.0,), std=(1.0,), augment="none", batch_size=32,

@@ -19,11 +19,18 @@ from conftest import ROOT, tiny_overrides, write_clusters
 from PIL import Image
 from scipy.stats import binomtest
 
-from specialists.checkpoints import load_model, save_model
+from specialists.artifacts.model_card import (
+    SpecialistHead,
+    build_card,
+    load_model,
+    read_card,
+    save_model,
+)
 from specialists.config import load_config
 from specialists.data import ShardIndex, eval_batches, load_split, normalize
 from specialists.ensemble import load_ensemble
 from specialists.evaluation import compute_metrics, evaluate_engines, mcnemar
+from specialists.layout import RunLayout
 
 # Overlapping sets: classes 2, 3 in two sets; 6, 7, 10, 11 in none (table 4 rows 0, 1, 2).
 SETS = [[0, 1, 2, 3], [2, 3, 4, 5], [8, 9]]
@@ -55,7 +62,7 @@ def run(tiny_shards, tiny_generalist, tmp_path_factory) -> Path:
 def run_copy(run, tmp_path) -> Path:
     copy = tmp_path / "run"
     shutil.copytree(run, copy)
-    (copy / "metrics.json").unlink(missing_ok=True)
+    RunLayout(copy).metrics("test").unlink(missing_ok=True)
     return copy
 
 
@@ -75,11 +82,11 @@ def _independent(shards: Path, run: Path):
 def test_evaluate_numbers_recomputed(tiny_shards, run, cli):
     code, out, err = cli("evaluate", *_args(tiny_shards, run))
     assert code == 0, err
-    metrics = json.loads((run / "metrics.json").read_text())
+    metrics = json.loads(RunLayout(run).metrics("test").read_text())
     cfg, loaded, _, labels, x, pred = _independent(tiny_shards, run)
     y = labels.numpy()
     gen, ens = pred.p_general.argmax(1).numpy(), pred.q.argmax(1).numpy()
-    assert metrics["format"] == "specialists-metrics/1" and metrics["split"] == "test"
+    assert metrics["format"] == "specialists-metrics/2" and metrics["split"] == "test"
     assert metrics["num_examples"] == len(y) == 96 and metrics["world_size"] == 1
     assert metrics["num_classes"] == 12 and metrics["num_specialists"] == 3 and metrics["baseline"] == "generalist"
     g, e = metrics["predictors"]["generalist"], metrics["predictors"]["ensemble"]
@@ -163,13 +170,15 @@ def test_compute_metrics_on_hand_made_records():
 
 def _identity_specialists(run: Path) -> None:
     """Replace every specialist by a full-head copy of the generalist, bias 0, T = 1: pᵐ = collapsed pᵍ."""
-    gen_path = run / "generalist/model.safetensors"
-    model, gmeta = load_model(gen_path)
-    base = {k: v for k, v in gmeta.items() if k not in ("format", "sha256", "role")}
+    model, gen = load_model(RunLayout(run).generalist)
     for m, classes in enumerate(SETS):
-        save_model(run / f"specialists/{m:03d}/model.safetensors", model,
-                   {**base, "role": "specialist", "id": m, "classes": classes, "head": "full",
-                    "dustbin_bias": 0.0, "temperature": 1.0, "source_generalist": gmeta["sha256"]})
+        head = SpecialistHead(id=m, classes=classes, head="full", special_fraction=0.5, special_fraction_in_data=0.5,
+                              prior_bias=0.0, fitted_bias=0.0, fitted_temperature=1.0, routed_bias=0.0,
+                              routed_temperature=1.0, routed_top_n=1, routed_val_images=0)
+        card = build_card("specialist", arch=gen.arch, arch_kwargs=gen.arch_kwargs, num_outputs=gen.num_outputs,
+                          class_names=gen.class_names, data_cfg=_cfg(Path(gen.data), run).data, data=gen.data,
+                          deciding=None, source_generalist=gen.sha256, specialist=head)
+        save_model(RunLayout(run).specialist(m), model, card)
 
 
 def test_identity_specialists_give_the_generalist(tiny_shards, run_copy, cli):
@@ -179,7 +188,7 @@ def test_identity_specialists_give_the_generalist(tiny_shards, run_copy, cli):
     torch.testing.assert_close(pred.q, pred.p_general, atol=1e-5, rtol=0)
     code, _, err = cli("evaluate", *_args(tiny_shards, run_copy))
     assert code == 0, err
-    metrics = json.loads((run_copy / "metrics.json").read_text())
+    metrics = json.loads(RunLayout(run_copy).metrics("test").read_text())
     g, e = metrics["predictors"]["generalist"], metrics["predictors"]["ensemble"]
     assert e["correct"] == g["correct"] and e["conditional"] == g["conditional"]
     assert e["vs_generalist"]["change_correct"] == 0
@@ -195,14 +204,15 @@ def test_control_is_a_third_column(tiny_shards, run_copy, cli, caplog):
         code, _, err = cli("evaluate", *args)
     assert code == 0, err
     assert any("train-control" in r.getMessage() for r in caplog.records)
-    assert list(json.loads((run_copy / "metrics.json").read_text())["predictors"]) == ["generalist", "ensemble"]
-    model, gmeta = load_model(run_copy / "generalist/model.safetensors")
-    base = {k: v for k, v in gmeta.items() if k not in ("format", "sha256", "role")}
-    save_model(run_copy / "control/model.safetensors", model,
-               {**base, "role": "control", "source_generalist": gmeta["sha256"]})
+    assert list(json.loads(RunLayout(run_copy).metrics("test").read_text())["predictors"]) == ["generalist", "ensemble"]
+    model, gen = load_model(RunLayout(run_copy).generalist)
+    card = build_card("control", arch=gen.arch, arch_kwargs=gen.arch_kwargs, num_outputs=gen.num_outputs,
+                      class_names=gen.class_names, data_cfg=_cfg(tiny_shards, run_copy).data, data=gen.data,
+                      deciding=None, source_generalist=gen.sha256)
+    save_model(RunLayout(run_copy).control, model, card)
     code, out, err = cli("evaluate", *args)
     assert code == 0, err
-    metrics = json.loads((run_copy / "metrics.json").read_text())
+    metrics = json.loads(RunLayout(run_copy).metrics("test").read_text())
     assert list(metrics["predictors"]) == ["generalist", "ensemble", "control"]
     g, ctl = metrics["predictors"]["generalist"], metrics["predictors"]["control"]
     assert ctl["correct"] == g["correct"] and ctl["conditional"] == g["conditional"]  # q = average of p and p
@@ -311,7 +321,7 @@ def _edit_json(path: Path, edit) -> None:
 
 
 PROBLEMS = {
-    "missing": "specialists/001/model.safetensors: specialist 1 of",
+    "missing": "001/model.safetensors: specialist 1 of",
     "class_count": "clusters.json: num_classes is 10 but the generalist",
     "specialist_classes": "specialist 2's classes [8, 9] differ from",
     "specialist_count": "specialist 0 was trained on 11 classes but the generalist",
@@ -323,22 +333,23 @@ PROBLEMS = {
                                               ("predict", "missing"), ("predict", "class_count")])
 def test_run_that_does_not_fit(tiny_shards, run_copy, tmp_path, cli, command, problem):
     message = PROBLEMS[problem]
+    layout = RunLayout(run_copy)
     if problem == "missing":
-        (run_copy / "specialists/001/model.safetensors").unlink()
+        layout.specialist(1).weights.unlink()
     elif problem == "class_count":
-        _edit_json(run_copy / "clusters.json", lambda d: d.update(num_classes=10, class_names=d["class_names"][:10]))
+        _edit_json(layout.clusters, lambda d: d.update(num_classes=10, class_names=d["class_names"][:10]))
     elif problem == "specialist_classes":
-        _edit_json(run_copy / "clusters.json", lambda d: d["specialists"][2].update(classes=[8, 10]))
+        _edit_json(layout.clusters, lambda d: d["specialists"][2].update(classes=[8, 10]))
     elif problem == "specialist_count":
-        _edit_json(run_copy / "specialists/000/model.json", lambda d: d.update(num_classes=11))
+        _edit_json(layout.specialist(0).card, lambda d: d.update(class_names=d["class_names"][:11]))
     else:
-        _edit_json(run_copy / "specialists/001/model.json", lambda d: d.update(source_generalist="0" * 64))
+        _edit_json(layout.specialist(1).card, lambda d: d.update(source_generalist="0" * 64))
     extra = ["--input", f"shards:{tiny_shards}:test", "--output", tmp_path / "p.jsonl"] if command == "predict" else []
     code, out, err = cli(command, *_args(tiny_shards, run_copy), *extra)
     assert code == 2 and message in err and err.count("\n") == 1, err
     if problem == "missing":
         assert "run `specialists train-specialists`" in err
-    assert not (run_copy / "metrics.json").exists() and not (tmp_path / "p.jsonl").exists()
+    assert not layout.metrics("test").exists() and not (tmp_path / "p.jsonl").exists()
 
 
 # --- two processes --------------------------------------------------------------------------------
@@ -381,20 +392,27 @@ def test_distributed_predict_and_evaluate_two_processes(tiny_shards, run_copy, t
 
     code, _, err = cli("evaluate", *_args(tiny_shards, run_copy))
     assert code == 0, err
-    single = json.loads((run_copy / "metrics.json").read_text())
+    single = json.loads(RunLayout(run_copy).metrics("test").read_text())
     result = _launch(29564, "evaluate", *_args(tiny_shards, run_copy))
     assert result.returncode == 0, result.stderr[-3000:]
-    double = json.loads((run_copy / "metrics.json").read_text())
+    double = json.loads(RunLayout(run_copy).metrics("test").read_text())
     assert double["world_size"] == 2 and double["num_examples"] == 96
     for key in ("predictors", "conditional_subset", "specialists"):
         assert json.dumps(double[key], sort_keys=True) == json.dumps(single[key], sort_keys=True), key
 
 
-def test_dustbin_correction_choices():
-    from specialists.bias import dustbin_correction
-
-    meta = {"dustbin_bias": 0.7, "temperature": 1.0, "prior_bias": 0.7, "fitted_bias": -1.2, "fitted_temperature": 1.5}
-    assert dustbin_correction(meta, "trained") == (0.7, 1.0)
-    assert dustbin_correction(meta, "prior") == (0.7, 1.0)
-    assert dustbin_correction(meta, "fit") == (-1.2, 1.5)
-    assert dustbin_correction(meta, "none") == (0.0, 1.0)
+def test_metrics_record_the_correction_the_engine_applied(tiny_shards, run_copy, cli):
+    """inference.bias other than the trained one: the metrics name the values applied, per specialist."""
+    cards = [read_card(RunLayout(run_copy).specialist(m)) for m in range(len(SETS))]
+    for choice, expected in [("trained", [(c.specialist.prior_bias, 1.0) for c in cards]),  # tiny.yaml: bias prior
+                             ("fit", [(c.specialist.fitted_bias, c.specialist.fitted_temperature) for c in cards]),
+                             ("none", [(0.0, 1.0)] * len(cards))]:
+        code, _, err = cli("evaluate", *_args(tiny_shards, run_copy, f"inference.bias={choice}"), "--split", "val")
+        assert code == 0, err
+        metrics = json.loads(RunLayout(run_copy).metrics("val").read_text())
+        applied = [(s["applied"]["dustbin_bias"], s["applied"]["temperature"]) for s in metrics["models"]["specialists"]]
+        assert np.allclose(applied, expected, rtol=0, atol=1e-12)
+        assert metrics["inference"]["correction"] == ("prior" if choice == "trained" else choice)
+        assert metrics["split"] == "val" and metrics["num_examples"] == 96
+    assert cards[0].specialist.fitted_bias != cards[0].specialist.prior_bias  # the choices really differ
+    assert not RunLayout(run_copy).metrics("test").exists()  # one file per split

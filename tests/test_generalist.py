@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from specialists.artifacts.model_card import load_model, read_card
 from specialists.config import load_config
 from specialists.data import ShardIndex, eval_batches
-from specialists.layout import RunLayout
+from specialists.layout import DataLayout, RunLayout
 from specialists.models import classifier, create_model, list_models
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -159,7 +159,7 @@ def test_missing_shards_is_one_line_error(tmp_path, cli):
 def test_import_generalist(tiny_shards, tmp_path, cli):
     model = create_model("resnet18", num_classes=12, in_channels=1, image_size=16)
     torch.save(model.state_dict(), tmp_path / "mine.pt")
-    classes = tiny_shards / "classes.json"
+    classes = DataLayout(tiny_shards).classes
     code, _, err = cli("import-generalist", *tiny_args(tiny_shards, tmp_path / "run"), "--arch", "resnet18",
                        "--weights", tmp_path / "mine.pt", "--classes", classes)
     assert code == 0, err

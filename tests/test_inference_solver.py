@@ -107,7 +107,7 @@ def test_node_em_matches_dense_em_beyond_one_bit_word(num_spec, set_size, num_cl
     active[2, 60:70] = True  # specialists on both sides of the word boundary
     active[3, ::7] = True
     from inference._sets import check_class_sets
-    from inference.solver import densify, solve_em
+    from inference.em import densify, solve_em
 
     table = check_class_sets(sets, pg.shape[1], pg.device)
     rows = ps_rows(ps, active)
@@ -124,7 +124,7 @@ def test_first_plain_em_steps_match_dense_em():
     # the node EM started where the dense EM is (q ∝ w on each pattern) takes the same steps
     pg, ps, sets, active = heavy_overlap_instance(seed=5)
     from inference._sets import check_class_sets
-    from inference.solver import densify, solve_em
+    from inference.em import densify, solve_em
 
     table = check_class_sets(sets, pg.shape[1], pg.device)
     q0 = solve_em(pg, table, active, ps_rows(ps, active), pg.sum(1), tol=0.0, max_iter=0)
@@ -156,7 +156,7 @@ def dense_em_from(q, pg, ps, sets, active, iters):
 @pytest.mark.parametrize("seed", [3, 23])
 def test_accelerated_and_plain_em_reach_the_same_objective_monotonically(seed):
     from inference._sets import check_class_sets
-    from inference.solver import densify, solve_em
+    from inference.em import densify, solve_em
 
     pg, ps, sets, active = (heavy_overlap_instance(seed) if seed == 23 else
                             random_instance(40, 300, 9, 40, seed=seed, sharp=3.0, p_active=0.5))

@@ -14,9 +14,10 @@ from conftest import TINY
 from PIL import Image
 
 from specialists.data import ShardIndex
-from specialists.errors import DataError, UserError
 from specialists.data.prepare import prepare, stratified_split
 from specialists.data.prepare.idx import FILES
+from specialists.errors import DataError, UserError
+from specialists.layout import DataLayout
 
 
 def read_tar_samples(path: Path) -> dict[str, dict[str, bytes]]:
@@ -31,7 +32,7 @@ def read_tar_samples(path: Path) -> dict[str, dict[str, bytes]]:
 def test_synthetic_layout_and_counts(tiny_shards):
     index = ShardIndex.load(tiny_shards)
     assert index.num_classes == 12
-    assert json.loads((tiny_shards / "classes.json").read_text()) == index.class_names
+    assert json.loads(DataLayout(tiny_shards).classes.read_text()) == index.class_names
     expected = {"train": 360, "val": 96, "test": 96}
     for split, n in expected.items():
         shards = index.shards(split)
@@ -88,9 +89,13 @@ def test_rerun_is_noop_and_force_redoes(tmp_path, cli):
     out = tmp_path / "d"
     code, stdout, _ = cli("prepare", "--source", "synthetic", "--out", out, "--num-classes", "6", "--samples-per-class", "5")
     assert code == 0 and "6 classes" in stdout
-    stamp = (out / "index.json").stat().st_mtime_ns
-    code, _, _ = cli("prepare", "--source", "synthetic", "--out", out, "--num-classes", "6")
-    assert code == 0 and (out / "index.json").stat().st_mtime_ns == stamp
+    index = DataLayout(out).index
+    stamp = index.stat().st_mtime_ns
+    code, _, _ = cli("prepare", "--source", "synthetic", "--out", out, "--num-classes", "6", "--samples-per-class", "5")
+    assert code == 0 and index.stat().st_mtime_ns == stamp
+    code, _, err = cli("prepare", "--source", "synthetic", "--out", out, "--num-classes", "6")
+    assert code == 2 and err.count("\n") == 1 and index.stat().st_mtime_ns == stamp
+    assert "prepared with data.synthetic.train_per_class=5, the config now says 100; pass --force" in err
     code, stdout, _ = cli("prepare", "--source", "synthetic", "--out", out, "--num-classes", "8", "--force")
     assert code == 0 and ShardIndex.load(out).num_classes == 8
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]  # no temp directories left

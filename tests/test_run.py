@@ -5,6 +5,7 @@ import json
 import pytest
 from conftest import ROOT
 
+from specialists.layout import DataLayout, RunLayout
 from specialists.pipeline import format_seed_summary, seed_config, summarize_seeds
 
 
@@ -14,16 +15,18 @@ def test_run_tiny_end_to_end(tmp_path, cli):
             "--set", "inference.control=true"]
     code, out, err = cli("run", *args)
     assert code == 0, err
-    for artifact in ["config.yaml", "generalist/model.safetensors", "generalist/model.json", "generalist/metrics.jsonl",
-                     "covariance.npy", "clusters.json", "report/index.html", "specialists/000/model.safetensors",
-                     "specialists/002/model.json", "control/model.safetensors", "metrics.json", "stage_times.json",
-                     "stage_memory.json"]:
-        assert (run / artifact).is_file(), artifact
-    assert (tmp_path / "data/index.json").is_file()
-    memory = json.loads((run / "stage_memory.json").read_text())
-    assert set(memory) == set(json.loads((run / "stage_times.json").read_text()))
+    layout = RunLayout(run)
+    for artifact in [layout.config, layout.generalist.weights, layout.generalist.card, layout.generalist.train_log,
+                     layout.covariance, layout.clusters, layout.report_index, layout.specialist(0).weights,
+                     layout.specialist(2).card, layout.control.weights, layout.metrics("test"), layout.stage_times,
+                     layout.stage_memory]:
+        assert artifact.is_file(), artifact
+    assert DataLayout(tmp_path / "data").index.is_file()
+    memory = json.loads(layout.stage_memory.read_text())
+    assert list(memory) == ["prepare", "train-generalist", "cluster", "train-specialists", "train-control", "evaluate"]
+    assert set(memory) == set(json.loads(layout.stage_times.read_text()))
     assert all(0.05 < gib < 16 for gib in memory.values())  # a real resident size, in GiB
-    metrics = json.loads((run / "metrics.json").read_text())
+    metrics = json.loads(layout.metrics("test").read_text())
     assert metrics["split"] == "test" and metrics["num_examples"] == 120 and metrics["num_specialists"] == 3
     gen, ens = metrics["predictors"]["generalist"], metrics["predictors"]["ensemble"]
     assert gen["correct"] == round(gen["top1"] * 120) and 0 <= ens["top1"] <= 1
@@ -32,10 +35,15 @@ def test_run_tiny_end_to_end(tmp_path, cli):
     assert sum(row["num_examples"] for row in ens["vs_generalist"]["by_coverage"]) == 120
     assert "report" in out and "index.html" in out
     # a second run finds every stage finished and changes nothing
-    stamp = (run / "specialists/000/model.safetensors").stat().st_mtime_ns
+    stamp = layout.specialist(0).weights.stat().st_mtime_ns
     code, _, err = cli("run", *args)
     assert code == 0, err
-    assert (run / "specialists/000/model.safetensors").stat().st_mtime_ns == stamp
+    assert layout.specialist(0).weights.stat().st_mtime_ns == stamp
+    # …and under a changed deciding value stops at the first stage it decides, in one line
+    code, _, err = cli("run", *args, "--set", "specialists.steps=21")
+    assert code == 2 and err.count("\n") == 1
+    assert "specialist 0 trained with specialists.steps=20, the config now says 21" in err
+    assert layout.specialist(0).weights.stat().st_mtime_ns == stamp
 
 
 def test_seed_summary_mean_and_std():
@@ -56,7 +64,7 @@ def test_seed_config_separates_runs():
     cfg = load_config(ROOT / "configs/tiny.yaml")
     a, b = seed_config(cfg, 1), seed_config(cfg, 2)
     assert (a.seed, b.seed) == (1, 2)
-    assert a.run_dir.endswith("seed-1") and a.data == cfg.data and a.hash() != b.hash()
+    assert a.run_dir.endswith("seed-1") and a.data == cfg.data and a != b
 
 
 def test_cli_destroys_the_process_group_after_success(tmp_path, monkeypatch):

@@ -15,12 +15,13 @@ import torch.nn.functional as F
 from conftest import ROOT, tiny_overrides, write_clusters
 
 from specialists import dustbin_bias
-from specialists.checkpoints import load_model, read_sidecar
+from specialists.artifacts.model_card import load_model, read_card
+from specialists.bias import fit_bias_and_temperature
 from specialists.config import DataConfig, load_config
 from specialists.data import ShardIndex, load_split, normalize
 from specialists.data.enriched import EnrichedStream
+from specialists.layout import RunLayout
 from specialists.models import create_model
-from specialists.specialist_training import fit_bias_and_temperature, specialist_loss
 from specialists.models.surgery import (
     CollapsedHead,
     collapse_logits,
@@ -29,6 +30,7 @@ from specialists.models.surgery import (
     map_labels,
     penultimate_features,
 )
+from specialists.train.losses import specialist_loss
 
 GROUPS = [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11], [1, 5, 9]]
 
@@ -128,12 +130,12 @@ def test_full_head_collapses_to_set_plus_dustbin():
 
 def test_soft_target_loss_is_zero_gradient_at_the_teacher():
     """Section 6.1: with the generalist's own collapsed logits the soft term's gradient vanishes."""
-    cfg = load_config(None, ["specialists.soft_target_weight=1.0", "specialists.temperature=3.0"])
     general = torch.randn(8, 6)
     classes = [1, 4]
     z = torch.cat([general[:, classes], general[:, [0, 2, 3, 5]].logsumexp(1, keepdim=True)], 1).requires_grad_()
     assert torch.allclose(z, collapse_logits(general, classes))
-    loss = specialist_loss(z, general, torch.zeros(8, dtype=torch.long), classes, 6, cfg)
+    loss = specialist_loss(z, general, torch.zeros(8, dtype=torch.long), classes, 6, soft_target_weight=1.0,
+                           temperature=3.0)
     loss.backward()
     assert z.grad.abs().max() < 1e-6
 
@@ -243,35 +245,41 @@ def test_train_specialists_stage(tiny_shards, tiny_generalist, tmp_path, cli):
     args = ["--config", ROOT / "configs/tiny.yaml", *sum((["--set", o] for o in tiny_overrides(tiny_shards, run)), [])]
     code, out, err = cli("train-specialists", *args)
     assert code == 0, err
-    gen_meta = read_sidecar(run / "generalist/model.safetensors")
+    layout = RunLayout(run)
+    gen = read_card(layout.generalist)
     for m, classes in enumerate(GROUPS[:2]):
-        model, meta = load_model(run / f"specialists/{m:03d}/model.safetensors")
-        assert meta["classes"] == classes and meta["num_outputs"] == len(classes) + 1
-        assert meta["source_generalist"] == gen_meta["sha256"]
-        assert meta["special_fraction_in_data"] == pytest.approx(1 / 3)
-        assert meta["dustbin_bias"] == pytest.approx(dustbin_bias(1 / 3, 0.5))
-        assert 0 <= meta["val_conditional_accuracy"] <= 1
-        assert not (run / f"specialists/{m:03d}/checkpoint.pt").exists()
-    # re-running skips finished specialists
-    stamp = (run / "specialists/000/model.safetensors").stat().st_mtime_ns
+        model, card = load_model(layout.specialist(m))
+        head = card.specialist
+        assert head.classes == classes and card.num_outputs == len(classes) + 1
+        assert card.source_generalist == gen.sha256
+        assert head.special_fraction_in_data == pytest.approx(1 / 3)
+        assert head.prior_bias == pytest.approx(dustbin_bias(1 / 3, 0.5))
+        assert 0 <= card.training["val_conditional_accuracy"] <= 1
+        assert card.deciding["classes"] == classes and card.deciding["specialists.lr"] == 0.01
+        assert not layout.specialist(m).checkpoints.exists()
+    # re-running skips finished specialists; a changed deciding key is one line naming it
+    stamp = layout.specialist(0).weights.stat().st_mtime_ns
     code, _, _ = cli("train-specialists", *args, "--only", "0")
-    assert code == 0 and (run / "specialists/000/model.safetensors").stat().st_mtime_ns == stamp
+    assert code == 0 and layout.specialist(0).weights.stat().st_mtime_ns == stamp
+    code, _, err = cli("train-specialists", *args, "--only", "0", "--set", "specialists.lr=0.05")
+    assert code == 2 and err.count("\n") == 1
+    assert "specialist 0 trained with specialists.lr=0.01, the config now says 0.05" in err and "--only 0 --force" in err
     # --refit-bias rewrites the val fits for another top-n and leaves the weights alone
-    before = read_sidecar(run / "specialists/000/model.safetensors")
-    assert before["routed_top_n"] == 1
+    before = read_card(layout.specialist(0))
+    assert before.specialist.routed_top_n == 1
     code, _, err = cli("train-specialists", *args, "--refit-bias", "--set", "inference.top_n=3")
     assert code == 0, err
-    after = read_sidecar(run / "specialists/000/model.safetensors")
-    assert (run / "specialists/000/model.safetensors").stat().st_mtime_ns == stamp
-    assert after["sha256"] == before["sha256"] and after["routed_top_n"] == 3
-    assert after["routed_val_images"] >= before["routed_val_images"]  # top-3 routes more images
-    assert after["fitted_bias"] == pytest.approx(before["fitted_bias"], abs=1e-6)
+    after = read_card(layout.specialist(0))
+    assert layout.specialist(0).weights.stat().st_mtime_ns == stamp
+    assert after.sha256 == before.sha256 and after.specialist.routed_top_n == 3
+    assert after.specialist.routed_val_images >= before.specialist.routed_val_images  # top-3 routes more images
+    assert after.specialist.fitted_bias == pytest.approx(before.specialist.fitted_bias, abs=1e-6)
 
 
 def test_routed_fit_lowers_the_dustbin_on_images_routed_to_the_specialist():
     """A specialist asked only about images the generalist places in its set should see its
     dustbin rarely: the routed fit (on those images) gives a lower bias than the fit on all."""
-    from specialists.specialist_training import fit_bias_and_temperature, routed_mask
+    from specialists.stages.specialists import routed_mask
 
     torch.manual_seed(0)
     n, classes = 6000, [0, 1]
@@ -298,15 +306,15 @@ def test_specialist_is_better_than_chance_within_its_set(tiny_shards, tiny_gener
 
     cfg = load_config(ROOT / "configs/tiny.yaml", tiny_overrides(tiny_shards, run, "specialists.bias=fit"))
     train_specialists(cfg)
-    model, meta = load_model(run / "specialists/000/model.safetensors")
+    model, card = load_model(RunLayout(run).specialist(0))
     images, labels = load_split(index, cfg.data, "val")
     mask = torch.isin(labels, torch.tensor(GROUPS[0]))
     with torch.no_grad():
         pred = model(normalize(images[mask], cfg.data))[:, :4].argmax(1)
     acc = (pred == labels[mask]).float().mean().item()
-    assert acc == pytest.approx(meta["val_conditional_accuracy"], abs=1e-6)
+    assert acc == pytest.approx(card.training["val_conditional_accuracy"], abs=1e-6)
     assert acc > 0.25
-    assert meta["bias_method"] == "fit" and meta["dustbin_bias"] == meta["fitted_bias"]
+    assert card.training["bias_method"] == "fit"
 
 
 @pytest.mark.parametrize("problem, message", [
@@ -323,7 +331,7 @@ def test_bad_clusters_json(tiny_shards, tiny_generalist, tmp_path, cli, problem,
     args = ["--config", ROOT / "configs/tiny.yaml", *sum((["--set", o] for o in tiny_overrides(tiny_shards, run)), [])]
     code, _, err = cli("train-specialists", *args)
     assert code == 2 and message in err and err.count("\n") == 1
-    assert not (run / "specialists").exists() or not list((run / "specialists").rglob("model.safetensors"))
+    assert not any(RunLayout(run).specialist(m).weights.exists() for m in range(2))
 
 
 def test_bad_special_fraction(tiny_shards, tmp_path, cli):
@@ -335,28 +343,50 @@ def _cmd(*args):
     return [sys.executable, "-m", "specialists.cli", *map(str, args)]
 
 
-def test_kill_and_resume_a_specialist(tiny_shards, tiny_generalist, tmp_path):
-    run = _run_dir_with_generalist(tiny_generalist, tmp_path)
-    write_clusters(run, ShardIndex.load(tiny_shards).class_names, [GROUPS[0]])
-    sets = tiny_overrides(tiny_shards, run, "specialists.steps=400", "specialists.checkpoint_every=20",
-                          "specialists.eval_every=100")
-    args = ["train-specialists", "--config", ROOT / "configs/tiny.yaml", *sum((["--set", o] for o in sets), [])]
+def _newest_checkpoint_step(checkpoints: Path) -> int:
+    return max((json.loads(p.read_text())["step"] for p in checkpoints.glob("ckpt-*/state.json")), default=0)
+
+
+def _kill_when_checkpointed(args: list, checkpoints: Path, at_least: int) -> int:
     proc = subprocess.Popen(_cmd(*args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpt = run / "specialists/000/checkpoint.pt"
     deadline = time.time() + 120
-    while time.time() < deadline and not ckpt.exists():
+    while time.time() < deadline and _newest_checkpoint_step(checkpoints) < at_least and proc.poll() is None:
         time.sleep(0.02)
-    time.sleep(0.3)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert not (run / "specialists/000/model.safetensors").exists(), "finished before it could be killed"
-    saved_step = torch.load(ckpt, weights_only=True)["step"]
-    assert 20 <= saved_step < 400
-    result = subprocess.run(_cmd(*args), capture_output=True, text=True)
+    return _newest_checkpoint_step(checkpoints)
+
+
+def test_kill_and_resume_a_specialist(tiny_shards, tiny_generalist, tmp_path):
+    """SIGKILL mid-run, then the same command: the specialist equals an uninterrupted one, weights and card."""
+    names = ShardIndex.load(tiny_shards).class_names
+    runs = {}
+    for label in ("ref", "killed"):
+        runs[label] = _run_dir_with_generalist(tiny_generalist, tmp_path / label)
+        write_clusters(runs[label], names, [GROUPS[0]])
+    sets = ["specialists.steps=120", "specialists.checkpoint_every=10", "specialists.eval_every=25",
+            "data.augment=crop"]
+
+    def args(run):
+        return ["train-specialists", "--config", ROOT / "configs/tiny.yaml",
+                *sum((["--set", o] for o in tiny_overrides(tiny_shards, run, *sets)), [])]
+
+    subprocess.run(_cmd(*args(runs["ref"])), check=True, capture_output=True)
+    spec = RunLayout(runs["killed"]).specialist(0)
+    saved_step = _kill_when_checkpointed(args(runs["killed"]), spec.checkpoints, 30)
+    assert not spec.weights.exists(), "finished before it could be killed"
+    assert 30 <= saved_step < 120
+    # a changed deciding key stops the resume in one line
+    result = subprocess.run(_cmd(*args(runs["killed"]), "--set", "specialists.lr=0.02"), capture_output=True, text=True)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert "checkpoints made with specialists.lr=0.01, the config now says 0.02; pass --force" in result.stderr
+    result = subprocess.run(_cmd(*args(runs["killed"])), capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert f"resumed at step {saved_step}" in result.stderr
-    meta = read_sidecar(run / "specialists/000/model.safetensors")
-    assert meta["steps"] == 400 and not ckpt.exists()
+    assert f"at step {saved_step}" in result.stderr
+    a, b = (read_card(RunLayout(r).specialist(0)) for r in (runs["ref"], runs["killed"]))
+    assert a.sha256 == b.sha256, "the resumed specialist's weights differ from the uninterrupted one's"
+    assert a.specialist == b.specialist and a.training["val_history"] == b.training["val_history"]
+    assert b.training["steps"] == 120 and not spec.checkpoints.exists()
 
 
 def test_distributed_specialists_two_processes(tiny_shards, tiny_generalist, tmp_path):
@@ -372,24 +402,22 @@ def test_distributed_specialists_two_processes(tiny_shards, tiny_generalist, tmp
                                                                                    "ACCELERATE_USE_CPU": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     for m in range(4):
-        meta = read_sidecar(run / f"specialists/{m:03d}/model.safetensors")
-        assert meta["world_size"] == 2
-        assert meta["trained_by_rank"] == m % 2
-        assert meta["classes"] == GROUPS[m]
-    assert json.loads((run / "clusters.json").read_text())["specialists"][3]["classes"] == [1, 5, 9]
+        card = read_card(RunLayout(run).specialist(m))
+        assert card.training["world_size"] == 2
+        assert card.training["trained_by_rank"] == m % 2
+        assert card.specialist.classes == GROUPS[m]
 
 
 def test_dustbin_correction_choices():
+    from specialists.artifacts.model_card import SpecialistHead
     from specialists.bias import dustbin_correction
-    from specialists.errors import UserError
 
-    meta = {"id": 3, "dustbin_bias": 0.7, "temperature": 0.9, "prior_bias": 2.2, "fitted_bias": 1.5,
-            "fitted_temperature": 0.8, "routed_bias": -1.8, "routed_temperature": 0.95}
-    assert dustbin_correction(meta, "trained") == (0.7, 0.9)
-    assert dustbin_correction(meta, "prior") == (2.2, 1.0)
-    assert dustbin_correction(meta, "fit") == (1.5, 0.8)
-    assert dustbin_correction(meta, "routed") == (-1.8, 0.95)
-    assert dustbin_correction(meta, "none") == (0.0, 1.0)
-    old = {k: v for k, v in meta.items() if not k.startswith("routed")}
-    with pytest.raises(UserError, match="specialist 3: .*--refit-bias"):
-        dustbin_correction(old, "routed")
+    head = SpecialistHead(id=3, classes=[1, 2], head="dustbin", special_fraction=0.5, special_fraction_in_data=0.1,
+                          prior_bias=2.2, fitted_bias=1.5, fitted_temperature=0.8, routed_bias=-1.8,
+                          routed_temperature=0.95, routed_top_n=1, routed_val_images=70)
+    assert dustbin_correction(head, "prior") == (2.2, 1.0)
+    assert dustbin_correction(head, "fit") == (1.5, 0.8)
+    assert dustbin_correction(head, "routed") == (-1.8, 0.95)
+    assert dustbin_correction(head, "none") == (0.0, 1.0)
+    with pytest.raises(ValueError, match="choice='trained'"):
+        dustbin_correction(head, "trained")  # resolved by the caller from specialists.bias

@@ -19,8 +19,9 @@ from fontTools.ttLib import TTFont
 from PIL import Image, ImageFont
 
 from specialists.config import TypefacesConfig
-from specialists.errors import DataError, UserError
 from specialists.data.prepare import prepare, typefaces
+from specialists.errors import DataError, UserError
+from specialists.layout import DataLayout
 
 FONT = Path(__file__).parent / "data" / "droid-subset.ttf"
 CHARS = "己已巳未末土士大太犬天夫人入八日曰目白百千干于午牛王玉主住往问间闻门口回田由甲申电"
@@ -66,7 +67,7 @@ def tf_cfg(font_dir: Path, **kw) -> TypefacesConfig:
 
 
 def read_split(root: Path, split: str) -> list[tuple[str, int, np.ndarray]]:
-    index = json.loads((root / "index.json").read_text())
+    index = json.loads(DataLayout(root).index.read_text())
     out = []
     for shard in index["splits"][split]["shards"]:
         for s in wds.WebDataset(str(root / shard["name"]), shardshuffle=False):
@@ -132,7 +133,7 @@ def test_render_glyph_is_seeded_and_inked():
 def test_prepare_typefaces_counts_split_and_card(font_dir, tmp_path):
     cfg = tf_cfg(font_dir)
     out = prepare("typefaces", tmp_path / "shards", seed=0, shard_size=64, typefaces_cfg=cfg)
-    assert json.loads((out / "classes.json").read_text()) == list(CHARS)
+    assert json.loads(DataLayout(out).classes.read_text()) == list(CHARS)
     n = len(CHARS)
     train, val, test = (read_split(out, s) for s in ("train", "val", "test"))
     # train: two Test Sans files (one face name: the larger file kept) + Test Kai without 己已.
@@ -143,7 +144,7 @@ def test_prepare_typefaces_counts_split_and_card(font_dir, tmp_path):
     for key, label, image in train[:20] + test[:20]:
         assert image.shape == (24, 24) and image.max() > 100
         assert key.split("-u")[1][:5] == f"{ord(CHARS[label]):05x}"  # the label is the character drawn
-    card = (out / "DATA.md").read_text()
+    card = DataLayout(out).card.read_text()
     assert "Test Serif" in card and ("a.ttf" in card or "a-bold.ttf" in card)
     assert "## test: 41 images, designs test-hand" in card
 
@@ -167,7 +168,7 @@ def test_blank_glyphs_are_skipped_and_reported(tmp_path):
     train = read_split(out, "train")
     assert len(train) == 2 * (2 * len(CHARS) - 1)
     assert not any(k.startswith("test-sans-u05927") for k, _, _ in train)
-    assert "Test Sans: 大" in (out / "DATA.md").read_text()
+    assert "Test Sans: 大" in DataLayout(out).card.read_text()
 
 
 def test_missing_fonts_and_characters_are_one_line_errors(font_dir, tmp_path, cli):

@@ -113,9 +113,7 @@ def _train(cfg: RunConfig, accelerator, *, force: bool) -> None:
     checkpoints = Checkpointer(paths.checkpoints, deciding={**decided, "precision": accelerator.mixed_precision})
     loop = TrainLoop(accelerator, model, optimizer, scheduler, checkpointer=checkpoints, ddp=False,
                      checkpoint_every=scfg.checkpoint_every, desc="control")
-    if force:
-        checkpoints.clear()
-    loop.resume()
+    loop.start(force=force)
     source = EpochSource(lambda e: train_batches(index, cfg.data, epoch=e, seed=cfg.seed + SEED_OFFSET))
     start = time.perf_counter()
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +22,11 @@ from ..artifacts.shard_index import ShardIndex
 from ..config import RunConfig, config_to_yaml
 from ..context import TRAIN_DATA_KEYS, deciding_values, make_accelerator, open_shards
 from ..data.pipeline import eval_batches, train_batches
-from ..errors import DataError, UserError
 from ..io import atomic_write_text
 from ..layout import RunLayout
 from ..models.registry import arch_options, create_model
-from ..train import Checkpointer, EpochSource, TrainLoop, build_optimizer, evaluate, warmup_cosine
-from ..train.log import write_jsonl
+from ..train import Checkpointer, EpochSource, TrainLoop, build_optimizer, warmup_cosine
+from ..train.epochs import EpochLog, count_steps
 
 log = logging.getLogger(__name__)
 
@@ -93,12 +91,7 @@ def run(cfg: RunConfig, *, resume: bool = True, force: bool = False) -> Path:
         return train_batches(index, cfg.data, epoch=e, seed=cfg.seed, rank=rank, world_size=world,
                              multiple_of=gcfg.grad_accum_steps)
 
-    # Steps per epoch come from the index; they can differ by one between epochs (the shard
-    # order decides which worker holds the short shard), so the schedule counts every epoch.
-    steps = [len(epoch(e)) // gcfg.grad_accum_steps for e in range(gcfg.epochs)]
-    if min(steps) < 1:
-        raise DataError(f"{cfg.data.shards}: fewer batches per epoch per process than "
-                        f"generalist.grad_accum_steps={gcfg.grad_accum_steps}")
+    steps = count_steps(epoch, gcfg.epochs, gcfg.grad_accum_steps, cfg.data.shards)
     scheduler = warmup_cosine(optimizer, round(gcfg.warmup_epochs * steps[0]), sum(steps))
     checkpoints = Checkpointer(paths.checkpoints, keep=gcfg.keep_checkpoints, rank=rank,
                                is_main=accelerator.is_main_process, barrier=accelerator.wait_for_everyone,
@@ -107,20 +100,12 @@ def run(cfg: RunConfig, *, resume: bool = True, force: bool = False) -> Path:
     loop = TrainLoop(accelerator, model, optimizer, scheduler, checkpointer=checkpoints, ddp=True,
                      checkpoint_every=gcfg.checkpoint_every, channels_last=gcfg.channels_last, desc="generalist",
                      show_progress=accelerator.is_main_process)
-    if force:
-        checkpoints.clear()
-    elif checkpoints.complete():
-        if not resume:
-            raise UserError(f"{paths.checkpoints}: an unfinished run is here; pass --resume to continue it "
-                            "or --force to start over")
-        loop.resume()
+    loop.start(resume=resume, force=force)
     if accelerator.is_main_process:
         atomic_write_text(paths.config, config_to_yaml(cfg))
         log.info("training %s on %d classes: %d processes × batch %d × accumulation %d, %d steps/epoch, lr %.4g, "
                  "mixed precision %s", gcfg.arch, index.num_classes, world, cfg.data.batch_size,
                  gcfg.grad_accum_steps, steps[0], lr, accelerator.mixed_precision)
-    val = eval_batches(index, cfg.data, "val", rank=rank, world_size=world)
-    clock = {"start": time.perf_counter(), "samples": loop.state.epoch_samples}
 
     def loss_fn(model: torch.nn.Module, batch) -> tuple[torch.Tensor, int]:
         images, labels = batch
@@ -128,30 +113,17 @@ def run(cfg: RunConfig, *, resume: bool = True, force: bool = False) -> Path:
         labels = labels.to(accelerator.device, non_blocking=True)
         return F.cross_entropy(logits.float(), labels, label_smoothing=gcfg.label_smoothing), len(labels)
 
-    def on_epoch_end(loop: TrainLoop) -> None:
-        st = loop.state
-        seconds = time.perf_counter() - clock["start"]
-        figures = evaluate(loop.model, val, accelerator, cfg.data, channels_last=gcfg.channels_last)
-        record = {"epoch": st.epoch + 1, "step": st.step, "train_loss": st.epoch_loss / max(st.epoch_samples, 1),
-                  "images_per_s": (st.epoch_samples - clock["samples"]) * world / max(seconds, 1e-9),
-                  "val_top1": figures["top1"], "val_top5": figures["top5"], "val_loss": figures["loss"],
-                  "val_n": figures["n"], "lr": scheduler.get_last_lr()[0], "epoch_seconds": seconds}
-        st.log.setdefault("epochs", []).append(record)
-        if accelerator.is_main_process:
-            write_jsonl(paths.train_log, st.log["epochs"])
-            log.info("epoch %d: train loss %.4f, val top-1 %.4f, top-5 %.4f (%.0f images/s)", record["epoch"],
-                     record["train_loss"], record["val_top1"], record["val_top5"], record["images_per_s"])
-        clock.update(start=time.perf_counter(), samples=0)
-
-    loop.fit(EpochSource(epoch, gcfg.epochs), loss_fn, sum(steps), on_epoch_end=on_epoch_end)
+    epoch_log = EpochLog(accelerator, eval_batches(index, cfg.data, "val", rank=rank, world_size=world), cfg.data,
+                         paths.train_log, channels_last=gcfg.channels_last)
+    loop.fit(EpochSource(epoch, gcfg.epochs), loss_fn, sum(steps), on_epoch_end=epoch_log)
     in_sync = ranks_in_sync(accelerator, loop.unwrapped)
     if accelerator.is_main_process:
-        last = loop.state.log["epochs"][-1]
         card = build_card("generalist", arch=gcfg.arch, arch_kwargs=arch_kwargs, num_outputs=index.num_classes,
                           class_names=index.class_names, data_cfg=cfg.data, data=index.root,
                           deciding=deciding(cfg, index),
                           training={"steps": loop.state.step, "world_size": world, "ranks_in_sync": in_sync,
-                                    "precision": accelerator.mixed_precision, "lr": lr, "val_top1": last["val_top1"]})
+                                    "precision": accelerator.mixed_precision, "lr": lr,
+                                    "val_top1": loop.state.log["epochs"][-1]["val_top1"]})
         save_model(paths, loop.unwrapped, card)
         log.info("generalist saved: %s", paths.weights)
     accelerator.wait_for_everyone()

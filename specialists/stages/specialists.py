@@ -198,31 +198,44 @@ def dustbin_fits(val_logits: torch.Tensor, ctx: Context, classes: list[int]) -> 
 
 # ---------------------------------------------------------------------- one specialist
 def train_one(ctx: Context, m: int, classes: list[int], *, force: bool = False) -> Path:
+    """Train specialist ``m`` on ``classes`` (resuming its checkpoint), fit its corrections, save it."""
     cfg, scfg = ctx.cfg, ctx.cfg.specialists
     paths = RunLayout(cfg.run_dir).specialist(m)
-    decided = deciding(cfg, ctx.index, ctx.generalist_card, classes)
-    counts = ctx.index.class_counts("train")
-    prior = float(counts[classes].sum() / counts.sum())
-    full_head = scfg.head == "full"
     set_seed(cfg.seed + 1000 * (m + 1))
     model = make_specialist(ctx.generalist, classes, head=scfg.head, features=ctx.val_features, logits=ctx.val_logits)
     optimizer = build_optimizer(model, scfg.optimizer, scfg.lr, scfg.momentum, scfg.weight_decay)
     scheduler = warmup_cosine(optimizer, scfg.warmup_steps, scfg.steps)
+    decided = deciding(cfg, ctx.index, ctx.generalist_card, classes)
     checkpoints = Checkpointer(paths.checkpoints, deciding={**decided, "precision": ctx.accelerator.mixed_precision})
     loop = TrainLoop(ctx.accelerator, model, optimizer, scheduler, checkpointer=checkpoints, ddp=False,
                      checkpoint_every=scfg.checkpoint_every, desc=f"specialist {m}",
                      show_progress=ctx.accelerator.is_local_main_process)
-    if force:
-        checkpoints.clear()
-    loop.resume()
+    loop.start(force=force)
     # The stream is seeded by (seed, m) alone: a resumed specialist replays it and skips what it used.
     stream = EnrichedStream(ctx.index, cfg.data, classes, special_fraction=scfg.special_fraction,
                             batch_size=cfg.data.batch_size, seed=hash((cfg.seed, m, 0)) % 2**31)
     source = StreamSource(lambda: enriched_batches(stream, cfg.data.num_workers, seed=cfg.seed + m))
-    val_mask = torch.isin(ctx.val_labels, torch.tensor(classes))
-    general_cond = conditional_accuracy(ctx.val_logits, ctx.val_labels, classes, full_head=True)
-    need_teacher = scfg.soft_target_weight > 0 or full_head
     start = time.perf_counter()
+    loop.fit(source, _loss(ctx, classes), scfg.steps, on_step=_keep_best(ctx, classes))
+    card = _card(ctx, m, classes, loop, decided, {
+        "samples_read": stream.stats.read if cfg.data.num_workers == 0 else None,
+        "trained_by_rank": ctx.accelerator.process_index, "world_size": ctx.accelerator.num_processes,
+        "seconds": time.perf_counter() - start})
+    save_model(paths, loop.unwrapped, card)
+    checkpoints.clear()
+    loop.close()
+    log.info("specialist %d (%d classes): val conditional accuracy %.4f (generalist %.4f), routed bias %.3f, T %.2f",
+             m, len(classes), card.training["val_conditional_accuracy"],
+             card.training["generalist_val_conditional_accuracy"], card.specialist.routed_bias,
+             card.specialist.routed_temperature)
+    return paths.weights
+
+
+def _loss(ctx: Context, classes: list[int]):
+    """The loss of an enriched batch: hard labels (other classes → dustbin), and the generalist's
+    soft targets when ``specialists.soft_target_weight`` > 0 or the head is full."""
+    cfg, scfg = ctx.cfg, ctx.cfg.specialists
+    need_teacher = scfg.soft_target_weight > 0 or scfg.head == "full"
 
     def loss_fn(model: torch.nn.Module, batch) -> tuple[torch.Tensor, int]:
         images, labels, _ = batch
@@ -236,47 +249,56 @@ def train_one(ctx: Context, m: int, classes: list[int], *, force: bool = False) 
         return specialist_loss(logits.float(), general, labels, classes, ctx.index.num_classes, head=scfg.head,
                                soft_target_weight=scfg.soft_target_weight, temperature=scfg.temperature), len(labels)
 
+    return loss_fn
+
+
+def _keep_best(ctx: Context, classes: list[int]):
+    """The ``on_step`` hook: every ``eval_every`` steps (and at the last), the val conditional accuracy;
+    the weights of the best so far are kept (in the checkpoints too)."""
+    scfg = ctx.cfg.specialists
+    val_mask = torch.isin(ctx.val_labels, torch.tensor(classes))
+
     def on_step(loop: TrainLoop) -> None:
         st = loop.state
         if st.step % scfg.eval_every and st.step != scfg.steps:
             return
         loop.model.eval()
         acc = conditional_accuracy(run_batches(loop.model, ctx.val_images[val_mask], ctx), ctx.val_labels[val_mask],
-                                   classes, full_head=full_head)
+                                   classes, full_head=scfg.head == "full")
         st.log.setdefault("history", []).append([st.step, acc])
         if acc > st.log.get("best_acc", -1.0):
             st.log["best_acc"] = acc
             loop.extra_weights["best"] = {k: v.detach().clone() for k, v in loop.unwrapped.state_dict().items()}
 
-    loop.fit(source, loss_fn, scfg.steps, on_step=on_step)
+    return on_step
+
+
+def _card(ctx: Context, m: int, classes: list[int], loop: TrainLoop, decided: dict[str, Any],
+          facts: dict[str, Any]) -> ModelCard:
+    """Load the best weights into the loop's model, fit the dustbin corrections on val, describe it."""
+    cfg, scfg = ctx.cfg, ctx.cfg.specialists
     model = loop.unwrapped
     model.load_state_dict(loop.extra_weights["best"])
     model.eval()
     val_logits = run_batches(model, ctx.val_images, ctx)
-    if full_head:
+    if scfg.head == "full":
         val_logits = collapse_logits(val_logits, classes)
+    counts = ctx.index.class_counts("train")
+    prior = float(counts[classes].sum() / counts.sum())
     head = SpecialistHead(id=m, classes=list(classes), head=scfg.head, special_fraction=scfg.special_fraction,
                           special_fraction_in_data=prior, prior_bias=dustbin_bias(prior, scfg.special_fraction),
                           **dustbin_fits(val_logits, ctx, classes))
-    best = loop.state.log["best_acc"]
     gcard = ctx.generalist_card
-    card = build_card("specialist", arch=gcard.arch, arch_kwargs=gcard.arch_kwargs,
-                      num_outputs=ctx.index.num_classes if full_head else len(classes) + 1,
+    general_cond = conditional_accuracy(ctx.val_logits, ctx.val_labels, classes, full_head=True)
+    return build_card("specialist", arch=gcard.arch, arch_kwargs=gcard.arch_kwargs,
+                      num_outputs=ctx.index.num_classes if scfg.head == "full" else len(classes) + 1,
                       class_names=ctx.index.class_names, data_cfg=cfg.data, data=ctx.index.root, deciding=decided,
                       source_generalist=gcard.sha256, specialist=head,
                       training={"steps": scfg.steps, "lr": scfg.lr, "bias_method": scfg.bias,
                                 "soft_target_weight": scfg.soft_target_weight, "temperature": scfg.temperature,
-                                "val_conditional_accuracy": best, "generalist_val_conditional_accuracy": general_cond,
-                                "val_history": loop.state.log["history"],
-                                "samples_read": stream.stats.read if cfg.data.num_workers == 0 else None,
-                                "trained_by_rank": ctx.accelerator.process_index,
-                                "world_size": ctx.accelerator.num_processes, "seconds": time.perf_counter() - start})
-    save_model(paths, model, card)
-    checkpoints.clear()
-    loop.close()
-    log.info("specialist %d (%d classes): val conditional accuracy %.4f (generalist %.4f), routed bias %.3f, T %.2f",
-             m, len(classes), best, general_cond, head.routed_bias, head.routed_temperature)
-    return paths.weights
+                                "val_conditional_accuracy": loop.state.log["best_acc"],
+                                "generalist_val_conditional_accuracy": general_cond,
+                                "val_history": loop.state.log["history"], **facts})
 
 
 def refit_dustbin(ctx: Context, m: int, classes: list[int]) -> Path:

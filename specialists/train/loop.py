@@ -26,7 +26,7 @@ from accelerate import Accelerator
 
 from ..config import DataConfig
 from ..data.pipeline import normalize
-from ..errors import DataError
+from ..errors import DataError, UserError
 from ..progress import progress_bar
 from .checkpoint import Checkpointer, restore_rng
 
@@ -120,6 +120,17 @@ class TrainLoop:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.ndim == 4 else x
 
     # -------------------------------------------------------------- checkpoints
+    def start(self, *, resume: bool = True, force: bool = False) -> None:
+        """Start over (``force``: its checkpoints removed) or continue from the newest checkpoint;
+        with ``resume=False`` an unfinished run is an error that says how to go on."""
+        if force:
+            self.checkpointer.clear()
+        elif self.checkpointer.complete():
+            if not resume:
+                raise UserError(f"{self.checkpointer.root}: an unfinished run is here; pass --resume to continue it "
+                                "or --force to start over")
+            self.resume()
+
     def resume(self) -> bool:
         """Load the newest checkpoint (an error if its deciding values differ); False if there is none."""
         loaded = self.checkpointer.load(self.accelerator.device)
@@ -132,6 +143,7 @@ class TrainLoop:
         if scaler is not None and loaded.optimizer.get("scaler") is not None:
             scaler.load_state_dict(loaded.optimizer["scaler"])
         self.state = TrainState(**loaded.state)
+        self.state.log["resumed_samples"] = self.state.epoch_samples
         self.extra_weights = loaded.extra
         restore_rng(loaded.rng)
         log.info("%s: resumed from %s at step %d (epoch %d, batch %d)", self.desc, loaded.path.name, self.state.step,
