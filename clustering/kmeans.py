@@ -72,9 +72,7 @@ def cluster_classes(
             with their nearest classes, no class joining more than
             ceil(M K / C) sets. (Taking each centroid's K nearest classes
             instead lets "hub" classes join nearly every set and leaves many
-            uncovered: on 1,000 typeface classes, 20 x 100, one class sat in
-            20 sets, 295 in none, and 41% of the val errors fell inside a set,
-            against 80% with this rule.)
+            uncovered: docs/clustering-notes.md.)
         coverage: instead of ``classes_per_specialist``, a number r: overlapping
             sets filled by the same rule so that every class is in r sets, the
             r C slots spread over the M sets (sizes floor(r C / M) or one more).

@@ -71,6 +71,7 @@ def run_pipeline(cfg: RunConfig, *, config_label: str = "the config") -> dict[st
     times: dict[str, float] = {}
     memory: dict[str, float] = {}
     metrics = None
+    log.info("run %s in %s", cfg.name, layout.root)
     for stage in PIPELINE:
         if not stage.enabled(cfg):
             continue

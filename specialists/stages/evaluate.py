@@ -87,7 +87,7 @@ def run(cfg: RunConfig, *, split: str = "test") -> dict[str, Any] | None:
     if accelerator.is_main_process:
         icfg = cfg.inference
         metrics = {
-            "split": split, "run_dir": str(cfg.run_dir), "num_examples": records.num_examples,
+            "run": cfg.name, "split": split, "run_dir": str(cfg.run_dir), "num_examples": records.num_examples,
             "num_classes": loaded.num_classes, "num_specialists": len(loaded.sets), "world_size": world,
             "inference": {"top_n": icfg.top_n, "solver": icfg.solver, "bias": icfg.bias, "correction": loaded.correction,
                           "tol": icfg.tol, "max_iter": icfg.max_iter},
