@@ -40,6 +40,7 @@ class TypefacesConfig:
     chars: str = "gb2312-1"  # gb2312-1 (3,755 level-1 hanzi) | file:PATH | the characters themselves
     num_classes: int | None = None  # a seeded subset of that many characters (quick runs)
     image_size: int = 32
+    split: str = "design"  # design: val/test typefaces never train | renders: every face in every split (i.i.d.)
     renders: int = 2  # train renders per face and character
     eval_renders: int = 1  # val and test renders per face and character
     distortion: float = 1.0  # scales every augmentation amplitude (0: clean glyphs)
@@ -288,6 +289,7 @@ def _check_values(cfg: RunConfig, label: str) -> None:
 
     choices = {
         "data.augment": (cfg.data.augment, ("none", "crop", "crop-flip", "random-resized-crop")),
+        "data.typefaces.split": (cfg.data.typefaces.split, ("design", "renders")),
         "generalist.optimizer": (cfg.generalist.optimizer, ("sgd", "adamw")),
         "generalist.mixed_precision": (cfg.generalist.mixed_precision, ("auto", "no", "fp16", "bf16")),
         "clustering.method": (cfg.clustering.method, ("faiss", "minibatch")),

@@ -187,3 +187,27 @@ def test_missing_fonts_and_characters_are_one_line_errors(font_dir, tmp_path, cl
                    f"    font_dirs: [{tmp_path / 'nowhere'}]\n")
     code, out, err = cli("prepare", "--config", cfg)
     assert code != 0 and len(err.strip().splitlines()) == 1 and "no font under" in err
+
+
+def test_renders_split_is_iid_and_disjoint(font_dir, tmp_path):
+    """split=renders: every face in every split, no image bytes in two splits, every face that has a
+    character has it in every split; the card says which split was made."""
+    cfg = tf_cfg(font_dir, split="renders", renders=3, eval_renders=2)
+    out = prepare("typefaces", tmp_path / "iid", seed=0, shard_size=64, typefaces_cfg=cfg)
+    splits = {s: read_split(out, s) for s in ("train", "val", "test")}
+    faces = typefaces.find_faces([str(font_dir)], CHARS)
+    pairs = {(f.key, cp) for f in faces for cp in f.codepoints}
+    for split, renders in (("train", 3), ("val", 2), ("test", 2)):
+        got = [(k.split("-u")[0], int(k.split("-u")[1][:5], 16)) for k, _, _ in splits[split]]
+        assert sorted(set(got)) == sorted(pairs)  # every (face, character) the fonts have, in every split
+        assert len(got) == renders * len(pairs)
+    digests = {s: {hashlib.sha256(image.tobytes()).hexdigest() for _, _, image in v} for s, v in splits.items()}
+    assert not digests["train"] & digests["val"] and not digests["train"] & digests["test"]
+    assert not digests["val"] & digests["test"]
+    render_numbers = {s: {int(k.rsplit("-", 1)[1]) for k, _, _ in v} for s, v in splits.items()}
+    assert render_numbers == {"train": {0, 1, 2}, "val": {3, 4}, "test": {5, 6}}
+    assert "Split **by renders** (i.i.d.)" in DataLayout(out).card.read_text()
+    # the design split of the same faces keeps its render numbers (existing data sets do not change)
+    assert typefaces.render_offset(tf_cfg(font_dir), "test") == 0
+    with pytest.raises(UserError, match="distortion=0"):
+        prepare("typefaces", tmp_path / "flat", typefaces_cfg=replace(cfg, distortion=0.0))

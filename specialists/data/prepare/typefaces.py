@@ -3,9 +3,14 @@
 The classes are the 3,755 level-1 characters of GB2312 (rows 16–55; the class set of the
 CASIA-HWDB benchmark), or a seeded subset of them. Every installed font face that really has a
 glyph for a character (its character map says so and the glyph has ink) renders it with seeded
-augmentation: affine jitter, stroke thickness, blur and noise. The split is **by design**: faces
-of one design (weights, regional variants, derived fonts) all go to one of train / val / test,
-so val and test measure generalisation to typefaces never seen in training.
+augmentation: affine jitter, stroke thickness, blur and noise. Two splits:
+
+* ``design`` (default): faces of one design (weights, regional variants, derived fonts) all go to
+  one of train / val / test, so val and test measure generalisation to typefaces never seen in
+  training — a generalisation-limited task.
+* ``renders``: every face is in every split, with disjoint renders (train renders 0..R-1, val the
+  next ``eval_renders``, test the ones after): i.i.d. splits of one distribution, where more data
+  and capacity pay — the paper's JFT regime.
 
 Fonts are found by their face names (``CATALOG``); a face that is not catalogued is its own
 design, named by its family. Rendering runs in worker processes, one font face per task.
@@ -200,9 +205,19 @@ class Split:
 
 
 def split_faces(faces: Sequence[Face], cfg: TypefacesConfig) -> Split:
-    """Val and test designs from the config; every other installed design trains."""
+    """``design``: val and test designs from the config, every other installed design trains.
+    ``renders``: every face not excluded in all three splits (renders keep them apart)."""
     designs = {f.design for f in faces}
     excluded = set(cfg.exclude_designs)
+    if cfg.split == "renders":
+        if cfg.distortion <= 0:
+            raise UserError("typefaces split=renders with distortion=0: every render of a glyph would be the same "
+                            "image in train, val and test; use a distortion > 0")
+        kept = [f for f in faces if f.design not in excluded]
+        if not kept:
+            raise DataError(f"typefaces: no typeface left (installed designs: {', '.join(sorted(designs)) or 'none'}; "
+                            f"excluded: {', '.join(sorted(excluded))})")
+        return Split(train=list(kept), val=list(kept), test=list(kept))
     for role, names in (("val", cfg.val_designs), ("test", cfg.test_designs)):
         missing = [n for n in names if n not in designs]
         if missing:
@@ -285,6 +300,7 @@ class _Task:
     split: str
     renders: int
     items: tuple[tuple[int, str], ...]  # (label, char)
+    first: int = 0  # number of the first render (the renders split keeps the splits' renders apart)
 
 
 @dataclass(frozen=True)
@@ -313,11 +329,19 @@ def _render_task(task: _Task) -> _Result:
         if not np.asarray(render_glyph(font, char, size, None, supersample=ss)).any():
             blank.append(char)  # mapped to an empty glyph: not really in the font
             continue
-        for r in range(task.renders):
+        for r in range(task.first, task.first + task.renders):
             rng = np.random.default_rng(_seed(seed, face, cp, r))
             image = render_glyph(font, char, size, rng, supersample=ss, distortion=dist)
             records.append(Record(f"{face.key}-u{cp:05x}-{r}", label, "png", encode_png(image)))
     return _Result(face, task.split, task.renders, records, blank)
+
+
+def render_offset(cfg: TypefacesConfig, role: str) -> int:
+    """The first render number of a split: 0 for all under the design split (other faces), and
+    0 / renders / renders + eval_renders for train / val / test under the renders split."""
+    if cfg.split != "renders":
+        return 0
+    return {"train": 0, "val": cfg.renders, "test": cfg.renders + cfg.eval_renders}[role]
 
 
 def render_splits(
@@ -327,11 +351,12 @@ def render_splits(
     tasks = []
     for role, faces in split.items():
         renders = cfg.renders if role == "train" else cfg.eval_renders
+        first = render_offset(cfg, role)
         for face in faces:
             items = tuple((label, c) for label, c in enumerate(chars) if ord(c) in face.codepoints)
             # Chunks keep the pool busy to the end and the progress bar moving.
             for start in range(0, len(items), 400):
-                tasks.append(_Task(face, role, renders, items[start : start + 400]))
+                tasks.append(_Task(face, role, renders, items[start : start + 400], first))
     options = {"size": cfg.image_size, "supersample": cfg.supersample, "distortion": cfg.distortion, "seed": seed}
     workers = cfg.workers or os.cpu_count() or 1
     records: dict[str, list[Record]] = {"train": [], "val": [], "test": []}
@@ -405,8 +430,11 @@ def data_card(chars: Sequence[str], census: dict, cfg: TypefacesConfig, seed: in
         f"{cfg.supersample}× and reduced; distortion {cfg.distortion} (scale, shift, rotation, shear, "
         "stroke dilation/erosion, blur, noise), seeded by (seed, face, character, render).",
         f"- Renders per face and character: train {cfg.renders}, val and test {cfg.eval_renders}. Seed {seed}.",
-        "- Split **by design**: no design (weights, regional cuts and derived fonts of one typeface) "
-        "appears in two splits.",
+        ("- Split **by design**: no design (weights, regional cuts and derived fonts of one typeface) "
+         "appears in two splits." if cfg.split == "design" else
+         "- Split **by renders** (i.i.d.): every face is in train, val and test; train has renders "
+         f"0–{cfg.renders - 1} of each face and character, val the next {cfg.eval_renders}, test the "
+         f"{cfg.eval_renders} after (no render in two splits)."),
         "",
     ]
     for role, info in census["splits"].items():
