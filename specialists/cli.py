@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import logging
 import os
 import sys
@@ -23,6 +24,9 @@ log = logging.getLogger("specialists")
 EPILOG = """Stages run in order: prepare → train-generalist → cluster → train-specialists → [train-control] → evaluate.
 Every stage reads one run config (--config configs/X.yaml) and can override it with
 --set section.key=value. See README.md."""
+
+# Errors of the file system rather than of the program: reported in one line, exit 2.
+FILE_SYSTEM_ERRORS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 COMMANDS: tuple[ModuleType, ...] = (*(s.module for s in STAGES), pipeline)
 
@@ -71,6 +75,12 @@ def run_command(func: Callable[[argparse.Namespace], int], args: argparse.Namesp
         return func(args)
     except UserError as exc:
         print(f"error: {one_line(exc)}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if exc.errno not in FILE_SYSTEM_ERRORS:
+            raise
+        print(f"error: cannot write {exc.filename or 'an output file'}: {exc.strerror} (read-only or full file "
+              "system?); what was finished is kept, run the command again once it can write", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -60,13 +60,20 @@ def make_accelerator(cfg: RunConfig, *, grad_accum_steps: int = 1) -> Accelerato
     """
     cpu = on_cpu()
     precision = resolve_mixed_precision(cfg.generalist.mixed_precision, "cpu" if cpu else "cuda")
-    accelerator = Accelerator(mixed_precision=precision, cpu=cpu, gradient_accumulation_steps=grad_accum_steps)
-    launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    if launched != accelerator.num_processes:
-        raise UserError(f"launched as {launched} processes (WORLD_SIZE) but they formed a group of "
-                        f"{accelerator.num_processes}; on a machine without a GPU launch with "
-                        "`accelerate launch --multi_gpu --num_processes N` (or set ACCELERATE_USE_CPU=1)")
+    try:
+        accelerator = Accelerator(mixed_precision=precision, cpu=cpu, gradient_accumulation_steps=grad_accum_steps)
+    except ValueError as exc:  # accelerate's refusal of an incomplete launch environment
+        raise UserError(f"cannot form the process group of this launch: {str(exc).splitlines()[0]}") from None
+    check_process_group(int(os.environ.get("WORLD_SIZE", "1") or 1), accelerator.num_processes)
     return accelerator
+
+
+def check_process_group(launched: int, formed: int) -> None:
+    """Every process of a launch must be in one group; else each would do all the work alone."""
+    if launched != formed:
+        raise UserError(f"launched as {launched} processes (WORLD_SIZE) but they formed a group of {formed}; "
+                        "launch with `accelerate launch --multi_gpu --num_processes N -m specialists.cli …` "
+                        "(on a machine without a GPU every stage asks for CPU processes itself)")
 
 
 def generalist_card(cfg: RunConfig, index: ShardIndex) -> ModelCard:

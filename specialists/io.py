@@ -27,9 +27,11 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO], None], *, text: 
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.errno is not None:
+            raise OSError(exc.errno, exc.strerror, str(path)) from None  # name the file meant, not the temp
         raise
 
 

@@ -258,9 +258,11 @@ def run(cfg: RunConfig, input_spec: str, output: str | Path) -> PredictResult | 
     accelerator.wait_for_everyone()
     result = None
     if accelerator.is_main_process:
-        rows = _merge(parts, world)
-        _write_output(output, (r for _, r in rows))
-        shutil.rmtree(parts, ignore_errors=True)
+        try:
+            rows = _merge(parts, world)
+            _write_output(output, (r for _, r in rows))
+        finally:
+            shutil.rmtree(parts, ignore_errors=True)
         result = PredictResult(output, len(rows), sorted(skipped), world)
     accelerator.wait_for_everyone()
     return result

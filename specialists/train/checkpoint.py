@@ -15,6 +15,7 @@ writes only from the main one.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import shutil
@@ -24,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from ..artifacts.deciding import check_same
 from ..io import atomic_write_json, read_json
@@ -94,18 +95,22 @@ class Checkpointer:
                 shutil.rmtree(left, ignore_errors=True)
             tmp.mkdir()
         self.barrier()
-        torch.save(_rng_state(), tmp / f"rng-{self.rank:05d}.pt")
-        self.barrier()
+        try:
+            _write(tmp / f"rng-{self.rank:05d}.pt", _torch_bytes(_rng_state()))
+            self.barrier()
+            if self.is_main:
+                _write(tmp / WEIGHTS, _tensor_bytes(weights))
+                for label, tensors in (extra or {}).items():
+                    _write(tmp / f"{label}.safetensors", _tensor_bytes(tensors))
+                _write(tmp / OPTIMIZER, _torch_bytes(optimizer))
+                atomic_write_json(tmp / STATE, {**state, "deciding": self.deciding, "extra": sorted(extra or {})})
+                if final.exists():
+                    shutil.rmtree(final)
+                os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # a failed save (a full disk) leaves nothing half-written
+            raise
         if self.is_main:
-            save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / WEIGHTS))
-            for label, tensors in (extra or {}).items():
-                save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / f"{label}.safetensors"))
-            torch.save(optimizer, tmp / OPTIMIZER)
-            atomic_write_json(tmp / STATE, {**state, "deciding": self.deciding, "extra": sorted(extra or {})})
-            _fsync_dir(tmp)
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
             for old in self.complete()[self.keep:]:
                 shutil.rmtree(old, ignore_errors=True)
         self.barrier()
@@ -155,9 +160,23 @@ def restore_rng(state: dict[str, Any] | None) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _fsync_dir(path: Path) -> None:
-    """Flush a directory's files before it is renamed into place (a crash then leaves it whole or absent)."""
-    for child in path.iterdir():
-        with open(child, "rb") as f:
+def _tensor_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
+    return save({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
+
+
+def _torch_bytes(obj: Any) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def _write(path: Path, data: bytes) -> None:
+    """Plain file write, flushed to disk: a full or read-only file system raises OSError naming the file."""
+    try:
+        with open(path, "wb") as f:
+            f.write(data)
+            f.flush()
             os.fsync(f.fileno())
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, str(path)) from None
 

@@ -52,6 +52,14 @@ def scan(root: str | Path) -> tuple[list[str], dict[str, list[tuple[Path, int]]]
         splits = {"all": list_images(root, class_names)}
     if not any(splits.values()):
         raise DataError(f"{root}: no .jpg/.jpeg/.png images found")
+    training = "train" if "train" in splits else "all"
+    have = {label for _, label in splits[training]}
+    empty = [name for i, name in enumerate(class_names) if i not in have]
+    if empty:
+        tree = root / "train" if training == "train" else root
+        raise DataError(f"{tree / empty[0]}: class folder holds no .jpg/.jpeg/.png images"
+                        + (f" ({len(empty)} such classes)" if len(empty) > 1 else "")
+                        + "; every class needs training images")
     return class_names, splits
 
 
