@@ -111,7 +111,8 @@ def run(cfg: RunConfig, *, resume: bool = True, force: bool = False) -> Path:
         images, labels = batch
         logits = model(loop.inputs(images, cfg.data))
         labels = labels.to(accelerator.device, non_blocking=True)
-        return F.cross_entropy(logits.float(), labels, label_smoothing=gcfg.label_smoothing), len(labels)
+        loss = F.cross_entropy(logits.float(), labels, label_smoothing=gcfg.label_smoothing)
+        return loss, len(labels), (logits.detach().argmax(1) == labels).sum()
 
     epoch_log = EpochLog(accelerator, eval_batches(index, cfg.data, "val", rank=rank, world_size=world), cfg.data,
                          paths.train_log, channels_last=gcfg.channels_last)

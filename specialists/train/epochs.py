@@ -47,12 +47,14 @@ class EpochLog:
         seconds = time.perf_counter() - self.start
         figures = evaluate(loop.model, self.val, acc, self.data_cfg, channels_last=self.channels_last)
         record = {"epoch": st.epoch + 1, "step": st.step, "train_loss": st.epoch_loss / max(st.epoch_samples, 1),
+                  "train_top1": st.epoch_correct / max(st.epoch_samples, 1),
                   "images_per_s": (st.epoch_samples - self.samples_at_start) * acc.num_processes / max(seconds, 1e-9),
                   "val_top1": figures["top1"], "val_top5": figures["top5"], "val_loss": figures["loss"],
                   "val_n": figures["n"], "lr": loop.scheduler.get_last_lr()[0], "epoch_seconds": seconds}
         st.log.setdefault("epochs", []).append(record)
         if acc.is_main_process:
             write_jsonl(self.path, st.log["epochs"])
-            log.info("%s %d: train loss %.4f, val top-1 %.4f, top-5 %.4f (%.0f images/s)", self.name, record["epoch"],
-                     record["train_loss"], record["val_top1"], record["val_top5"], record["images_per_s"])
+            log.info("%s %d: train loss %.4f, top-1 %.4f (augmented, this process); val top-1 %.4f, top-5 %.4f "
+                     "(%.0f images/s)", self.name, record["epoch"], record["train_loss"], record["train_top1"],
+                     record["val_top1"], record["val_top5"], record["images_per_s"])
         self.start, self.samples_at_start = time.perf_counter(), 0

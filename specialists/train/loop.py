@@ -42,6 +42,7 @@ class TrainState:
     batch_in_epoch: int = 0  # batches of the current epoch already consumed
     epoch_loss: float = 0.0  # summed over this epoch's samples so far (this process)
     epoch_samples: int = 0
+    epoch_correct: int = 0  # top-1 hits on the (augmented) training batches, when the loss reports them
     log: dict[str, Any] = field(default_factory=dict)  # a stage's own JSON values (history, best score…)
 
 
@@ -84,7 +85,8 @@ class StreamSource:
             yield 0, i, False, batch
 
 
-LossFn = Callable[[torch.nn.Module, Any], tuple[torch.Tensor, int]]  # (model, batch) → (loss, samples)
+# (model, batch) → (loss, samples) or (loss, samples, correct): correct = top-1 hits, for the running accuracy
+LossFn = Callable[[torch.nn.Module, Any], tuple]
 Hook = Callable[["TrainLoop"], None]
 
 
@@ -167,20 +169,23 @@ class TrainLoop:
         bar = progress_bar(total_steps, initial=st.step, main_process=self.show_progress, desc=self.desc,
                            unit="step", leave=False)
         loss_sum = torch.tensor(st.epoch_loss, dtype=torch.float64, device=acc.device)  # no sync per step
+        correct_sum = torch.tensor(st.epoch_correct, dtype=torch.int64, device=acc.device)
 
         def sync_loss() -> None:
-            st.epoch_loss = float(loss_sum)
+            st.epoch_loss, st.epoch_correct = float(loss_sum), int(correct_sum)
 
         self.model.train()
         for epoch, i, last, batch in source.iterate(st.epoch, st.batch_in_epoch):
             with acc.accumulate(self.model):
                 with acc.autocast():
-                    loss, samples = loss_fn(self.model, batch)
+                    loss, samples, *correct = loss_fn(self.model, batch)
                 acc.backward(loss)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
             st.epoch, st.batch_in_epoch = epoch, i + 1
             loss_sum += loss.detach().double() * samples
+            if correct:
+                correct_sum += correct[0]
             st.epoch_samples += samples
             stepped = acc.sync_gradients
             if stepped:
@@ -196,8 +201,9 @@ class TrainLoop:
                 if on_epoch_end is not None:
                     on_epoch_end(self)
                     self.model.train()
-                st.epoch, st.batch_in_epoch, st.epoch_loss, st.epoch_samples = epoch + 1, 0, 0.0, 0
+                st.epoch, st.batch_in_epoch, st.epoch_loss, st.epoch_samples, st.epoch_correct = epoch + 1, 0, 0.0, 0, 0
                 loss_sum.zero_()
+                correct_sum.zero_()
                 self.save_checkpoint()
             elif stepped and self.checkpoint_every and st.step % self.checkpoint_every == 0 and st.step < total_steps:
                 sync_loss()
