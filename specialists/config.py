@@ -139,6 +139,29 @@ class InferenceConfig:
 
 
 @dataclass(frozen=True)
+class DistillConfig:
+    """A single student trained on a teacher's soft targets (section 2): ``alpha`` weighs the soft term
+    T²·KL(teacher_T ‖ student_T), 1 − alpha the hard labels' cross-entropy."""
+
+    enabled: bool = False  # a stage of `specialists run` (before evaluate, which then reports the student)
+    teacher: str = "ensemble"  # ensemble (q of eq. 5, routed and solved) | generalist | none (hard labels only)
+    name: str | None = None  # the student's folder and predictor name (default: the teacher)
+    alpha: float = 0.9
+    temperature: float = 2.0
+    init: str = "generalist"  # generalist: its weights (same architecture) | scratch
+    arch: str | None = None  # None: the generalist's architecture
+    width: int | None = None  # None: the generalist's (compact_cnn / glyph_cnn)
+    hidden: int | None = None  # None: the generalist's (glyph_cnn)
+    epochs: int = 4
+    optimizer: str = "sgd"
+    lr: float = 0.01  # for a batch of 128 summed over processes
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    warmup_epochs: float = 0.0
+    checkpoint_every: int = 500
+
+
+@dataclass(frozen=True)
 class RunConfig:
     name: str = "run"  # shown in reports and logs
     run_dir: str = "runs/run"
@@ -148,6 +171,7 @@ class RunConfig:
     clustering: ClusteringConfig = field(default_factory=ClusteringConfig)
     specialists: SpecialistsConfig = field(default_factory=SpecialistsConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(self)
@@ -300,6 +324,9 @@ def _check_values(cfg: RunConfig, label: str) -> None:
         "specialists.optimizer": (cfg.specialists.optimizer, ("sgd", "adamw")),
         "inference.solver": (cfg.inference.solver, ("em", "gradient")),
         "inference.bias": (cfg.inference.bias, ("trained", "prior", "fit", "routed", "none")),
+        "distill.teacher": (cfg.distill.teacher, ("ensemble", "generalist", "none")),
+        "distill.init": (cfg.distill.init, ("generalist", "scratch")),
+        "distill.optimizer": (cfg.distill.optimizer, ("sgd", "adamw")),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:
@@ -320,6 +347,7 @@ def _check_values(cfg: RunConfig, label: str) -> None:
         "inference.top_n": cfg.inference.top_n,
         "inference.batch_size": cfg.inference.batch_size,
         "inference.max_iter": cfg.inference.max_iter,
+        "distill.epochs": cfg.distill.epochs,
     }
     for key, value in positive.items():
         if value < 1:
@@ -337,19 +365,26 @@ def _check_values(cfg: RunConfig, label: str) -> None:
         fail("data.std", f"expected positive values (each image is divided by them), got {list(cfg.data.std)}")
     if not 0.0 < cfg.specialists.special_fraction < 1.0:
         fail("specialists.special_fraction", f"expected a value in (0, 1), got {cfg.specialists.special_fraction}")
-    rates = {"generalist.lr": cfg.generalist.lr, "specialists.lr": cfg.specialists.lr,
+    rates = {"generalist.lr": cfg.generalist.lr, "specialists.lr": cfg.specialists.lr, "distill.lr": cfg.distill.lr,
+             "distill.temperature": cfg.distill.temperature,
              "specialists.temperature": cfg.specialists.temperature, "inference.tol": cfg.inference.tol}
     for key, value in rates.items():
         if not value > 0:
             fail(key, f"expected > 0, got {value}")
-    fractions = {"specialists.soft_target_weight": cfg.specialists.soft_target_weight,
+    fractions = {"specialists.soft_target_weight": cfg.specialists.soft_target_weight, "distill.alpha": cfg.distill.alpha,
                  "generalist.label_smoothing": cfg.generalist.label_smoothing,
                  "generalist.dropout": cfg.generalist.dropout}
     for key, value in fractions.items():
         if not 0.0 <= value <= 1.0:
             fail(key, f"expected a value in [0, 1], got {value}")
-    if cfg.generalist.warmup_epochs < 0:
-        fail("generalist.warmup_epochs", f"expected ≥ 0, got {cfg.generalist.warmup_epochs}")
+    for key, value in (("generalist.warmup_epochs", cfg.generalist.warmup_epochs),
+                       ("distill.warmup_epochs", cfg.distill.warmup_epochs),
+                       ("distill.checkpoint_every", cfg.distill.checkpoint_every)):
+        if value < 0:
+            fail(key, f"expected ≥ 0, got {value}")
+    name = cfg.distill.name
+    if name is not None and (not name or not all(c.isalnum() or c in "-_." for c in name) or name.startswith(".")):
+        fail("distill.name", f"expected a folder name of letters, digits, '-', '_' or '.', got {name!r}")
 
 
 def config_to_yaml(cfg: RunConfig) -> str:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from inference import EnsembleEngine
+from inference import EnsembleEngine, EnsemblePrediction
 
 from .artifacts.clusters import Clusters, load_clusters
 from .artifacts.model_card import ModelCard, is_finished, load_model, read_card
@@ -124,6 +124,41 @@ def load_control_engine(cfg: RunConfig, loaded: LoadedEnsemble) -> EnsembleEngin
     return EnsembleEngine(ref.generalist, [WithEmptyDustbin(model)], [torch.arange(loaded.num_classes)], [0.0],
                           top_n=ref.top_n, method=ref.method, tol=ref.tol, max_iter=ref.max_iter,
                           amp=amp_setting(cfg, ref.device), channels_last=ref.channels_last)
+
+
+class ModelPredictor:
+    """One network (a distilled student) with the engine's ``predict`` interface, so that evaluation
+    and prediction treat it like an ensemble: q = its softmax, no specialist active."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device, amp: bool | torch.dtype = False) -> None:
+        self.model = model.eval()
+        self.device = device
+        self.amp_dtype = (amp if isinstance(amp, torch.dtype) else torch.bfloat16) if amp and device.type == "cuda" else None
+
+    @torch.inference_mode()
+    def predict(self, images: torch.Tensor, *, return_q: bool = False, **_: object) -> EnsemblePrediction:
+        images = images.to(self.device, non_blocking=True)
+        with torch.autocast(device_type=self.device.type, dtype=self.amp_dtype or torch.bfloat16,
+                            enabled=self.amp_dtype is not None):
+            logits = self.model(images)
+        q = torch.softmax(logits.float(), dim=1)
+        prob, top1 = q.max(dim=1)
+        empty = torch.zeros((len(q), 0), dtype=torch.bool, device=q.device)
+        return EnsemblePrediction(top1=top1, top1_prob=prob, general_top1=top1, general_top1_prob=prob, active=empty,
+                                  q=q if return_q else None, p_general=None)
+
+
+def load_students(cfg: RunConfig, loaded: LoadedEnsemble) -> dict[str, ModelPredictor]:
+    """Every finished student of the run (``students/<name>``), checked against the generalist."""
+    layout = RunLayout(cfg.run_dir)
+    students = {}
+    for name in layout.student_names():
+        paths = layout.student(name)
+        model, card = load_model(paths, device=loaded.engine.device)
+        if card.class_names != loaded.class_names:
+            raise UserError(f"{paths.card}: the student's classes differ from the generalist's {loaded.generalist_path}")
+        students[name] = ModelPredictor(model, loaded.engine.device, amp_setting(cfg, loaded.engine.device))
+    return students
 
 
 def _check_specialist(card: ModelCard, where: Path, m: int, classes: list[int], cpath: Path, gcard: ModelCard,

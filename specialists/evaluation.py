@@ -40,7 +40,10 @@ The figures (``metrics-<split>.json``, written by :mod:`specialists.artifacts.me
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -70,6 +73,7 @@ class Records:
     columns: dict[str, np.ndarray]
     specialist_counts: np.ndarray
     names: list[str]  # engine names, in order
+    seconds: dict[str, float] = field(default_factory=dict)  # wall time of each predictor (and "generalist") per image
 
     @property
     def num_examples(self) -> int:
@@ -94,6 +98,7 @@ def evaluate_engines(engines: dict[str, EnsembleEngine], batches, *, data_cfg: D
     sets = [torch.as_tensor(s, dtype=torch.long, device=device) for s in ref.class_sets]
     union = torch.unique(torch.cat(sets))  # (|U|,) sorted
     counts = torch.zeros((len(sets), 3), dtype=torch.long, device=device)
+    timers = Timers([BASELINE, *names], device)
     rows = []
     bar = progress(batches, main_process=accelerator.is_main_process, total=len(batches), desc=desc,
                    unit="batch", leave=False)
@@ -104,8 +109,11 @@ def evaluate_engines(engines: dict[str, EnsembleEngine], batches, *, data_cfg: D
         for s in sets:
             covering += torch.isin(labels, s).long()
         cols = [labels, covering]
+        with timers(BASELINE, int(valid.sum())):
+            ref.general_probs(x)  # the generalist alone: what one forward pass costs here
         for n in names:
-            pred = engines[n].predict(x, return_q=True)
+            with timers(n, int(valid.sum())):
+                pred = engines[n].predict(x, return_q=True)
             if n == main:
                 p_general = pred.p_general  # (B, C)
                 cols += [pred.general_top1, union[p_general[:, union].argmax(1)]]
@@ -125,7 +133,32 @@ def evaluate_engines(engines: dict[str, EnsembleEngine], batches, *, data_cfg: D
     keys = ["label", "covering", f"{BASELINE}.pred", f"{BASELINE}.union_pred"]
     for n in names:
         keys += [f"{n}.pred", f"{n}.union_pred", f"{n}.active"]
-    return Records({k: gathered[:, i] for i, k in enumerate(keys)}, counts, names)
+    return Records({k: gathered[:, i] for i, k in enumerate(keys)}, counts, names, timers.per_image(accelerator))
+
+
+class Timers:
+    """Wall time of each predictor over the images it classified (CUDA synchronised), per process."""
+
+    def __init__(self, names: list[str], device: torch.device) -> None:
+        self.names, self.device = names, device
+        self.totals = torch.zeros((len(names), 2), dtype=torch.float64)  # seconds, images
+
+    @contextlib.contextmanager
+    def __call__(self, name: str, images: int) -> Iterator[None]:
+        self._sync()
+        start = time.perf_counter()
+        yield
+        self._sync()
+        self.totals[self.names.index(name)] += torch.tensor([time.perf_counter() - start, images], dtype=torch.float64)
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def per_image(self, accelerator: Accelerator) -> dict[str, float]:
+        """Seconds per image, each process's time over its images, summed over processes."""
+        totals = accelerator.reduce(self.totals.to(accelerator.device), reduction="sum").cpu()
+        return {n: float(t[0] / t[1]) if t[1] else None for n, t in zip(self.names, totals, strict=True)}
 
 
 # ------------------------------------------------------------------------------- the figures
@@ -185,14 +218,25 @@ def compute_metrics(records: Records, sets: list[list[int]], *, ids: list[int] |
         e_ok, c_ok = col["ensemble.pred"] == label, col["control.pred"] == label
         predictors["ensemble"]["vs_control"] = {"change_correct": int(e_ok.sum() - c_ok.sum()),
                                                 "mcnemar": mcnemar(c_ok, e_ok)}
+    for name in records.names:
+        if name.startswith("student:"):  # a student against every other predictor: ensemble, controls, students
+            ok = col[f"{name}.pred"] == label
+            predictors[name]["vs"] = {
+                other: {"change_correct": int(ok.sum() - (col[f"{other}.pred"] == label).sum()),
+                        "mcnemar": mcnemar(col[f"{other}.pred"] == label, ok)}
+                for other in records.names if other != name}
     specialists = []
     ids = list(range(len(sets))) if ids is None else ids
     for m, s, (num, spec_ok, gen_ok) in zip(ids, sets, records.specialist_counts.tolist(), strict=True):
         specialists.append({"id": m, "classes": list(s), "num_examples": num, "specialist_correct": spec_ok,
                             "specialist_accuracy": _ratio(spec_ok, num), "generalist_correct": gen_ok,
                             "generalist_accuracy": _ratio(gen_ok, num)})
+    cost = {name: {"forward_passes_per_image": 1.0 if name == BASELINE or name.startswith("student:")
+                   else 1.0 + (predictors[name]["mean_active_specialists"] or 0.0),
+                   "ms_per_image": None if records.seconds.get(name) is None else 1000 * records.seconds[name]}
+            for name in [BASELINE, *records.names]}
     return {"conditional_subset": {"num_examples": int(covered.sum()), "union_classes": len(union)},
-            "predictors": predictors, "specialists": specialists}
+            "predictors": predictors, "specialists": specialists, "cost": cost}
 
 
 # --------------------------------------------------------------------------------- the tables
@@ -233,6 +277,16 @@ def format_tables(metrics: dict[str, Any]) -> str:
         mc = vs_control["mcnemar"]
         out.append(f"ensemble vs control: {vs_control['change_correct']:+d} correct, McNemar b={mc['b']} "
                    f"(control right only), c={mc['c']} (ensemble right only), p={mc['p_value']:.3g}")
+    for k in others:
+        for other, v in preds[k].get("vs", {}).items():
+            mc = v["mcnemar"]
+            out.append(f"{k} vs {other}: {v['change_correct']:+d} correct, McNemar b={mc['b']} ({other} right only), "
+                       f"c={mc['c']} ({k} right only), p={mc['p_value']:.3g}")
+    if metrics.get("cost"):
+        out += ["", "Cost per image (this machine, the same batches and threads)"]
+        rows = [[k, v["forward_passes_per_image"], None if v["ms_per_image"] is None else round(v["ms_per_image"], 3)]
+                for k, v in metrics["cost"].items()]
+        out.append(_table(["predictor", "forward passes", "ms / image"], rows))
     out += ["", f"Conditional accuracy (table 3): {sub['num_examples']} examples whose class is in some "
                 f"specialist's set, predictions among the {sub['union_classes']} classes of the sets"]
     rows = [[BASELINE, preds[BASELINE]["conditional"]["correct"], _pct(preds[BASELINE]["conditional"]["accuracy"]), None]]

@@ -92,16 +92,18 @@ class RunLayout:
         return ModelPaths(self.root / "control")
 
     @property
-    def student(self) -> ModelPaths:
-        return ModelPaths(self.root / "student")
+    def students_dir(self) -> Path:
+        return self.root / "students"
 
-    def model(self, role: str, m: int | None = None) -> ModelPaths:
-        """The files of a model by role: generalist, specialist (with ``m``), control, student."""
-        if role == "specialist":
-            if m is None:
-                raise ValueError("role 'specialist' needs the specialist id m")
-            return self.specialist(m)
-        return {"generalist": self.generalist, "control": self.control, "student": self.student}[role]
+    def student(self, name: str) -> ModelPaths:
+        """A distilled student, by name (``distill.name``, by default its teacher)."""
+        return ModelPaths(self.students_dir / name)
+
+    def student_names(self) -> list[str]:
+        """The students with a finished card, sorted."""
+        if not self.students_dir.is_dir():
+            return []
+        return sorted(p.name for p in self.students_dir.iterdir() if ModelPaths(p).card.is_file())
 
     # --- clustering
     @property
@@ -140,7 +142,7 @@ class RunLayout:
             "generalist": self.generalist.weights,
             "generalist_card": self.generalist.card, "clusters": self.clusters, "covariance": self.covariance,
             "confusion": self.confusion, "report": self.report_index, "specialists": self.specialists_dir,
-            "control": self.control.weights, "student": self.student.weights,
+            "control": self.control.weights, "students": self.students_dir,
             "metrics_test": self.metrics("test"), "metrics_val": self.metrics("val"),
             "stage_times": self.stage_times, "stage_memory": self.stage_memory,
         }

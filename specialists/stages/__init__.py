@@ -17,6 +17,7 @@ from ..config import RunConfig
 from . import (
     cluster,
     control,
+    distill,
     evaluate,
     generalist,
     import_generalist,
@@ -60,6 +61,7 @@ STAGES: tuple[Stage, ...] = (
     Stage(report),
     Stage(specialists, in_pipeline=True),
     Stage(control, in_pipeline=True, enabled=lambda cfg: cfg.inference.control),
+    Stage(distill, in_pipeline=True, enabled=lambda cfg: cfg.distill.enabled),
     Stage(evaluate, in_pipeline=True),
     Stage(predict),
     Stage(paths),

@@ -16,7 +16,7 @@ from ..artifacts.metrics import write_metrics
 from ..config import RunConfig
 from ..context import make_accelerator, open_shards
 from ..data.pipeline import eval_batches
-from ..ensemble import LoadedEnsemble, load_control_engine, load_ensemble
+from ..ensemble import LoadedEnsemble, load_control_engine, load_ensemble, load_students
 from ..errors import UserError
 from ..evaluation import BASELINE, compute_metrics, evaluate_engines, format_tables
 from ..layout import RunLayout
@@ -79,6 +79,7 @@ def run(cfg: RunConfig, *, split: str = "test") -> dict[str, Any] | None:
                         "evaluating without the control", RunLayout(cfg.run_dir).control.weights)
         else:
             engines["control"] = control
+    engines.update({f"student:{name}": student for name, student in load_students(cfg, loaded).items()})
     rank, world = accelerator.process_index, accelerator.num_processes
     batches = eval_batches(index, cfg.data, split, rank=rank, world_size=world, batch_size=cfg.inference.batch_size)
     records = evaluate_engines(engines, batches, data_cfg=cfg.data, accelerator=accelerator,

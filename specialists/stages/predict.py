@@ -43,9 +43,10 @@ from ..artifacts.shard_index import ShardIndex
 from ..config import RunConfig
 from ..context import make_accelerator
 from ..data.pipeline import IMAGE_KEYS, build_transform, normalize
-from ..ensemble import load_ensemble
+from ..ensemble import load_ensemble, load_students
 from ..errors import UserError
 from ..io import atomic_write
+from ..layout import RunLayout
 from ..progress import progress
 
 log = logging.getLogger(__name__)
@@ -55,16 +56,20 @@ HELP = "the ensemble's top-1 class for every image (works under accelerate launc
 DESCRIPTION = ("Batched top-1 of the ensemble over shards:DIR[:split], list:FILE (one image path per line) or an "
                "image folder (.png/.jpg/.jpeg, recursive). Writes one JSON line per image {input, class, name, prob, "
                "generalist_class}, or CSV (input,class,name,prob) for an output ending in .csv. Unreadable images "
-               "are named and skipped.")
+               "are named and skipped. --predictor student[:NAME] serves a distilled student instead (one "
+               "forward pass per image; its rows have no generalist_class).")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input", required=True, help="DIR | list:FILE | shards:DIR[:split]")
     p.add_argument("--output", required=True, help="predictions file: .jsonl (default) or .csv")
+    p.add_argument("--predictor", default="ensemble",
+                   help="ensemble (default) | student[:NAME] (a distilled student; NAME defaults to distill.name, "
+                        "else distill.teacher)")
 
 
 def command(cfg: RunConfig, args: argparse.Namespace) -> int:
-    result = run(cfg, args.input, args.output)
+    result = run(cfg, args.input, args.output, predictor=args.predictor)
     if result is not None:  # the main process
         print(f"{result.num_predicted} predictions written to {result.output} ({result.world_size} process(es)); "
               f"{len(result.skipped)} unreadable image(s) skipped")
@@ -220,7 +225,22 @@ def _batches(source: FileInput | ShardInput, cfg: RunConfig, rank: int, world: i
 
 
 # ---------------------------------------------------------------------------------- the stage
-def run(cfg: RunConfig, input_spec: str, output: str | Path) -> PredictResult | None:
+def _predictor(cfg: RunConfig, loaded, spec: str):
+    """The engine, or a student's predictor, named by ``--predictor``."""
+    if spec == "ensemble":
+        return loaded.engine
+    kind, _, name = spec.partition(":")
+    if kind != "student":
+        raise UserError(f"--predictor {spec!r}: expected ensemble or student[:NAME]")
+    name = name or cfg.distill.name or cfg.distill.teacher
+    students = load_students(cfg, loaded)
+    if name not in students:
+        raise UserError(f"--predictor {spec!r}: no finished student {name!r} in {RunLayout(cfg.run_dir).students_dir} "
+                        f"(have: {', '.join(students) or 'none'}); run `specialists distill` first")
+    return students[name]
+
+
+def run(cfg: RunConfig, input_spec: str, output: str | Path, *, predictor: str = "ensemble") -> PredictResult | None:
     """Predict every image of ``input_spec`` and write ``output`` (.csv → CSV, else JSONL).
 
     The main process returns what it wrote; other processes return None.
@@ -232,6 +252,7 @@ def run(cfg: RunConfig, input_spec: str, output: str | Path) -> PredictResult | 
     accelerator = make_accelerator(cfg)
     rank, world = accelerator.process_index, accelerator.num_processes
     loaded = load_ensemble(cfg, accelerator.device)
+    model = _predictor(cfg, loaded, predictor)
     names = loaded.class_names
     parts = output.parent / f".{output.name}.parts"
     if accelerator.is_main_process:
@@ -248,11 +269,13 @@ def run(cfg: RunConfig, input_spec: str, output: str | Path) -> PredictResult | 
                 skipped.append(name)
             if images is None:
                 continue
-            pred = loaded.engine.predict(normalize(images.to(accelerator.device), cfg.data))
+            pred = model.predict(normalize(images.to(accelerator.device), cfg.data))
             rows = zip(orders, batch_names, pred.top1.tolist(), pred.top1_prob.tolist(), pred.general_top1.tolist(),
                        strict=True)
             for order, name, c, prob, g in rows:
-                record = {"input": name, "class": c, "name": names[c], "prob": prob, "generalist_class": g}
+                record = {"input": name, "class": c, "name": names[c], "prob": prob}
+                if model is loaded.engine:
+                    record["generalist_class"] = g
                 part.write(json.dumps([list(order), record], ensure_ascii=False) + "\n")
     skipped = gather_object(skipped)
     accelerator.wait_for_everyone()

@@ -1,0 +1,159 @@
+"""Distillation (section 2): the loss against hand-computed values, the ensemble teacher against the
+engine, the stage (resumable, in evaluate and predict as a predictor)."""
+
+import json
+import math
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import ROOT, tiny_overrides, write_clusters
+
+from specialists.artifacts.model_card import read_card
+from specialists.config import load_config
+from specialists.data import ShardIndex, eval_batches, normalize
+from specialists.ensemble import load_ensemble
+from specialists.layout import RunLayout
+from specialists.stages.distill import _teacher
+from specialists.stages.specialists import run as train_specialists
+from specialists.train.losses import distillation_loss
+
+SETS = [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
+
+
+def test_distillation_loss_hand_computed():
+    z = torch.tensor([[2.0, 0.0, -1.0]])
+    t = torch.tensor([[0.5, 0.3, 0.2]])
+    y = torch.tensor([1])
+    alpha, temp = 0.7, 2.0
+    # soft target softmax(log t / T) ∝ t^(1/T); student softmax(z / T)
+    p = [v ** 0.5 for v in (0.5, 0.3, 0.2)]
+    p = [v / sum(p) for v in p]
+    s = [math.exp(v / temp) for v in (2.0, 0.0, -1.0)]
+    s = [v / sum(s) for v in s]
+    kl = sum(pi * (math.log(pi) - math.log(si)) for pi, si in zip(p, s, strict=True))
+    ce = -math.log(math.exp(0.0) / sum(math.exp(v) for v in (2.0, 0.0, -1.0)))
+    expected = alpha * temp**2 * kl + (1 - alpha) * ce
+    assert distillation_loss(z, t, y, alpha=alpha, temperature=temp).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_distillation_loss_without_the_soft_term_is_cross_entropy():
+    torch.manual_seed(0)
+    z, t, y = torch.randn(8, 5), torch.softmax(torch.randn(8, 5), 1), torch.randint(0, 5, (8,))
+    ce = F.cross_entropy(z, y)
+    assert torch.equal(distillation_loss(z, t, y, alpha=0.0, temperature=1.0), ce)
+    assert torch.equal(distillation_loss(z, None, y, alpha=0.9, temperature=3.0), ce)
+    # alpha = 1, T = 1: KL to the teacher, zero (and flat) when the student is the teacher
+    logits = t.log().clone().requires_grad_()
+    loss = distillation_loss(logits, t, y, alpha=1.0, temperature=1.0)
+    loss.backward()
+    assert loss.item() == pytest.approx(0.0, abs=1e-6) and logits.grad.abs().max() < 1e-6
+
+
+@pytest.fixture(scope="module")
+def run(tiny_shards, tiny_generalist, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("distill") / "run"
+    shutil.copytree(RunLayout(tiny_generalist).generalist.dir, RunLayout(run).generalist.dir)
+    write_clusters(run, ShardIndex.load(tiny_shards).class_names, SETS)
+    train_specialists(load_config(ROOT / "configs/tiny.yaml", tiny_overrides(tiny_shards, run, "specialists.steps=20")))
+    return run
+
+
+def _overrides(shards: Path, run: Path, *extra: str) -> list[str]:
+    return tiny_overrides(shards, run, "specialists.steps=20", "distill.epochs=3", "distill.lr=0.05",
+                          "distill.checkpoint_every=5", "data.augment=crop", *extra)
+
+
+def test_ensemble_teacher_is_the_engine_on_the_same_view(tiny_shards, run):
+    cfg = load_config(ROOT / "configs/tiny.yaml", _overrides(tiny_shards, run, "inference.top_n=2"))
+    index = ShardIndex.load(tiny_shards)
+    images, _, _ = next(iter(eval_batches(index, cfg.data, "val", batch_size=40)))
+    x = normalize(images, cfg.data)
+    teacher = _teacher(cfg, index, torch.device("cpu"))
+    q = load_ensemble(cfg).engine.predict(x, return_q=True).q
+    assert torch.equal(teacher(x), q) and torch.allclose(q.sum(1), torch.ones(40))
+    generalist = _teacher(load_config(ROOT / "configs/tiny.yaml", _overrides(tiny_shards, run, "distill.teacher=generalist")),
+                          index, torch.device("cpu"))
+    assert torch.allclose(generalist(x), load_ensemble(cfg).engine.general_probs(x), atol=1e-6)
+
+
+def _cmd(shards: Path, run: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "specialists.cli", "distill", "--config", str(ROOT / "configs/tiny.yaml"),
+            *sum((["--set", s] for s in _overrides(shards, run, *extra)), [])]
+
+
+def _newest_step(checkpoints: Path) -> int:
+    return max((json.loads(p.read_text())["step"] for p in checkpoints.glob("ckpt-*/state.json")), default=0)
+
+
+def test_kill_and_resume_the_student(tiny_shards, run, tmp_path):
+    runs = {label: tmp_path / label for label in ("ref", "killed")}
+    for r in runs.values():
+        shutil.copytree(run, r)
+    subprocess.run(_cmd(tiny_shards, runs["ref"]), check=True, capture_output=True)
+    student = RunLayout(runs["killed"]).student("ensemble")
+    proc = subprocess.Popen(_cmd(tiny_shards, runs["killed"]), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and _newest_step(student.checkpoints) < 15 and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    saved = _newest_step(student.checkpoints)
+    assert not student.weights.exists() and 15 <= saved < 36, "finished before it could be killed"
+    result = subprocess.run(_cmd(tiny_shards, runs["killed"], "distill.alpha=0.5"), capture_output=True, text=True)
+    assert result.returncode == 2 and "checkpoints made with distill.alpha=0.9, the config now says 0.5" in result.stderr
+    result = subprocess.run(_cmd(tiny_shards, runs["killed"]), capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"at step {saved}" in result.stderr
+    a, b = (read_card(RunLayout(r).student("ensemble")) for r in runs.values())
+    assert a.sha256 == b.sha256, "the resumed student's weights differ from the uninterrupted one's"
+    assert b.training["steps"] == 36 and b.training["teacher"] == "ensemble" and b.role == "student"
+
+
+def test_students_in_evaluate_and_predict(tiny_shards, run, tmp_path, cli):
+    run = shutil.copytree(run, tmp_path / "run")
+    args = ["--config", ROOT / "configs/tiny.yaml"]
+    for teacher in ("ensemble", "generalist", "none"):
+        code, _, err = cli("distill", *args, *sum((["--set", s] for s in _overrides(tiny_shards, run,
+                                                                                    f"distill.teacher={teacher}")), []))
+        assert code == 0, err
+    sets = sum((["--set", s] for s in _overrides(tiny_shards, run)), [])
+    code, out, err = cli("evaluate", *args, *sets)
+    assert code == 0, err
+    metrics = json.loads(RunLayout(run).metrics("test").read_text())
+    names = ["student:ensemble", "student:generalist", "student:none"]
+    assert list(metrics["predictors"]) == ["generalist", "ensemble", *names]
+    for name in names:
+        p = metrics["predictors"][name]
+        assert set(p["vs"]) == {"ensemble", *names} - {name}
+        mc = p["vs"]["ensemble"]["mcnemar"]
+        assert mc["c"] - mc["b"] == p["correct"] - metrics["predictors"]["ensemble"]["correct"]
+        assert metrics["cost"][name]["forward_passes_per_image"] == 1.0 and metrics["cost"][name]["ms_per_image"] > 0
+    ens = metrics["predictors"]["ensemble"]
+    assert metrics["cost"]["ensemble"]["forward_passes_per_image"] == pytest.approx(1 + ens["mean_active_specialists"])
+    assert "student:none vs ensemble" in out and "Cost per image" in out
+    # predict serves a student: the same top-1 as evaluate's records, no generalist column
+    code, _, err = cli("predict", *args, *sets, "--input", f"shards:{tiny_shards}:test", "--output", tmp_path / "p.jsonl",
+                       "--predictor", "student:none")
+    assert code == 0, err
+    rows = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
+    assert len(rows) == 96 and set(rows[0]) == {"input", "class", "name", "prob"}
+    correct = sum(int(r["class"]) == int(y) for r, (_, y) in zip(rows, _test_labels(tiny_shards), strict=True))
+    assert correct == metrics["predictors"]["student:none"]["correct"]
+    code, _, err = cli("predict", *args, *sets, "--input", f"shards:{tiny_shards}:test", "--output", tmp_path / "q.jsonl",
+                       "--predictor", "student:wide")
+    assert code == 2 and "no finished student 'wide'" in err and err.count("\n") == 1
+
+
+def _test_labels(shards: Path) -> list[tuple[int, int]]:
+    cfg = load_config(ROOT / "configs/tiny.yaml", [f"data.shards={shards}"])
+    out = []
+    for _, labels, valid in eval_batches(ShardIndex.load(shards), cfg.data, "test"):
+        out += [(0, int(y)) for y in labels[valid]]
+    return out
