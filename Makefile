@@ -5,7 +5,7 @@ CONFIG ?= configs/fashion-mnist.yaml
 FASHION_MNIST_DIR ?= /usr/share/datasets/fashion-mnist
 export FASHION_MNIST_DIR
 
-.PHONY: setup fonts demo typefaces typefaces-1000 test lint bench clean
+.PHONY: setup fonts demo typefaces typefaces-1000 typefaces-iid typefaces-iid-1000 test lint bench clean
 
 setup:
 	@bash scripts/setup.sh
@@ -22,6 +22,14 @@ typefaces: setup fonts
 
 typefaces-1000: setup fonts
 	$(BIN)/specialists run --config configs/typefaces-1000.yaml
+
+# The paper's regime: the same characters split i.i.d. (every typeface in every split), a
+# capacity-limited generalist trained to a plateau (docs/RESULTS.md, "The paper's regime").
+typefaces-iid: setup fonts
+	$(BIN)/specialists run --config configs/typefaces-iid.yaml
+
+typefaces-iid-1000: setup fonts
+	$(BIN)/specialists run --config configs/typefaces-iid-1000.yaml
 
 test: setup
 	$(BIN)/python -m pytest
