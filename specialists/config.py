@@ -158,6 +158,8 @@ class DistillConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     warmup_epochs: float = 0.0
+    teacher_cache: bool = False  # the teacher's top-k per training view computed once, reused by every student
+    cache_top_k: int = 20  # classes kept per view in the cache (the rest of the mass spread evenly)
     checkpoint_every: int = 500
 
 
@@ -348,6 +350,7 @@ def _check_values(cfg: RunConfig, label: str) -> None:
         "inference.batch_size": cfg.inference.batch_size,
         "inference.max_iter": cfg.inference.max_iter,
         "distill.epochs": cfg.distill.epochs,
+        "distill.cache_top_k": cfg.distill.cache_top_k,
     }
     for key, value in positive.items():
         if value < 1:

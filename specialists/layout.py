@@ -99,6 +99,10 @@ class RunLayout:
         """A distilled student, by name (``distill.name``, by default its teacher)."""
         return ModelPaths(self.students_dir / name)
 
+    def teacher_cache(self, key: str, epoch: int, rank: int) -> Path:
+        """One epoch's cached teacher targets for one process (``key`` names the teacher and the views)."""
+        return self.root / "teacher-cache" / key / f"e{epoch:04d}-r{rank:05d}.npz"
+
     def student_names(self) -> list[str]:
         """The students with a finished card, sorted."""
         if not self.students_dir.is_dir():

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -157,3 +158,41 @@ def _test_labels(shards: Path) -> list[tuple[int, int]]:
     for _, labels, valid in eval_batches(ShardIndex.load(shards), cfg.data, "test"):
         out += [(0, int(y)) for y in labels[valid]]
     return out
+
+
+def test_cached_top_k_rebuilds_within_its_stored_mass():
+    from specialists.artifacts.teacher_cache import CachedTargets, compress
+
+    torch.manual_seed(0)
+    q = torch.softmax(torch.randn(50, 30) * 3, dim=1)
+    idx, probs, rest = compress(q, 5)
+    rebuilt = CachedTargets(idx, probs, rest, np.zeros(50, dtype=np.uint32)).targets(0, 50, 30)
+    assert torch.allclose(rebuilt.sum(1), torch.ones(50), atol=1e-6)
+    top = q.topk(5, dim=1)
+    assert torch.equal(rebuilt.gather(1, top.indices), top.values)  # the top-k exactly
+    l1 = (rebuilt - q).abs().sum(1)
+    assert (l1 <= 2 * torch.from_numpy(rest) + 1e-6).all() and l1.max() > 0
+    full = CachedTargets(*compress(q, 30), np.zeros(50, dtype=np.uint32)).targets(0, 50, 30)
+    assert torch.equal(full, q)  # k = C: the teacher itself
+
+
+def test_teacher_cache_with_every_class_trains_the_online_student(tiny_shards, run, tmp_path, cli):
+    """A cache that keeps all 12 classes holds the teacher's q itself: the student is bit-identical to the
+    online one; a second student on the same views reads the cache instead of running the teacher."""
+    run = shutil.copytree(run, tmp_path / "run")
+    args = ["--config", ROOT / "configs/tiny.yaml"]
+
+    def distill(*extra: str):
+        return cli("distill", *args, *sum((["--set", s] for s in _overrides(tiny_shards, run, *extra)), []))
+
+    assert distill("distill.name=online")[0] == 0
+    code, _, err = distill("distill.name=cached", "distill.teacher_cache=true", "distill.cache_top_k=12")
+    assert code == 0, err
+    layout = RunLayout(run)
+    assert read_card(layout.student("online")).sha256 == read_card(layout.student("cached")).sha256
+    files = sorted((run / "teacher-cache").rglob("*.npz"))
+    assert len(files) == 3  # one per epoch, one process
+    stamps = [f.stat().st_mtime_ns for f in files]
+    code, _, err = distill("distill.name=cached-alpha", "distill.teacher_cache=true", "distill.cache_top_k=12",
+                           "distill.alpha=0.5")
+    assert code == 0 and [f.stat().st_mtime_ns for f in files] == stamps  # reused, not rebuilt

@@ -15,10 +15,13 @@ share) and resumes from the one checkpoint scheme.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from accelerate.utils import set_seed
 
@@ -33,6 +36,13 @@ from ..artifacts.model_card import (
     save_model,
 )
 from ..artifacts.shard_index import ShardIndex
+from ..artifacts.teacher_cache import (
+    CachedTargets,
+    compress,
+    read_targets,
+    view_fingerprints,
+    write_targets,
+)
 from ..config import RunConfig, config_to_yaml
 from ..context import (
     TRAIN_DATA_KEYS,
@@ -42,9 +52,9 @@ from ..context import (
     make_accelerator,
     open_shards,
 )
-from ..data.pipeline import eval_batches, train_batches
+from ..data.pipeline import eval_batches, normalize, train_batches
 from ..ensemble import correction_choice, load_ensemble
-from ..errors import UserError
+from ..errors import DataError, UserError
 from ..io import atomic_write_text
 from ..layout import RunLayout
 from ..models.registry import arch_options, create_model
@@ -154,6 +164,8 @@ def run(cfg: RunConfig, *, force: bool = False) -> Path:
     def epoch(e: int):
         return train_batches(index, cfg.data, epoch=e, seed=cfg.seed + SEED_OFFSET, rank=rank, world_size=world)
 
+    if teacher is not None and dcfg.teacher_cache:
+        teacher = _cached_teacher(cfg, decided, epoch, teacher, accelerator, index.num_classes)
     steps = count_steps(epoch, dcfg.epochs, 1, cfg.data.shards)
     scheduler = warmup_cosine(optimizer, round(dcfg.warmup_epochs * steps[0]), sum(steps))
     checkpoints = Checkpointer(paths.checkpoints, rank=rank, is_main=accelerator.is_main_process,
@@ -169,17 +181,21 @@ def run(cfg: RunConfig, *, force: bool = False) -> Path:
                  dcfg.init, dcfg.teacher, sum(steps), dcfg.alpha, dcfg.temperature)
 
     def loss_fn(model: torch.nn.Module, batch) -> tuple[torch.Tensor, int, torch.Tensor]:
-        images, labels = batch
+        images, labels, *cached = batch
         labels = labels.to(accelerator.device, non_blocking=True)
         x = loop.inputs(images, cfg.data)
-        target = teacher(x) if teacher is not None else None  # the very view the student sees
+        if cached:  # rebuilt from the cache, checked to be of this very view
+            target = cached[0].to(accelerator.device)
+        else:
+            target = teacher(x) if teacher is not None else None  # the very view the student sees
         logits = model(x).float()
         loss = distillation_loss(logits, target, labels, alpha=dcfg.alpha, temperature=dcfg.temperature)
         return loss, len(labels), (logits.detach().argmax(1) == labels).sum()
 
     epoch_log = EpochLog(accelerator, eval_batches(index, cfg.data, "val", rank=rank, world_size=world), cfg.data,
                          paths.train_log, channels_last=cfg.generalist.channels_last, name=f"student {name} epoch")
-    loop.fit(EpochSource(epoch, dcfg.epochs), loss_fn, sum(steps), on_epoch_end=epoch_log)
+    source = EpochSource(teacher.epoch if isinstance(teacher, CachedTeacher) else epoch, dcfg.epochs)
+    loop.fit(source, loss_fn, sum(steps), on_epoch_end=epoch_log)
     if accelerator.is_main_process:
         card = build_card("student", arch=arch, arch_kwargs=options, num_outputs=index.num_classes,
                           class_names=index.class_names, data_cfg=cfg.data, data=index.root, deciding=decided,
@@ -210,3 +226,65 @@ def _teacher(cfg: RunConfig, index: ShardIndex, device: torch.device):
         return generalist
     engine = load_ensemble(cfg, device).engine
     return lambda x: engine.predict(x, return_q=True).q.clone()  # clone: out of inference mode, for the loss
+
+
+class CachedTeacher:
+    """The teacher's targets read from its cache, epoch by epoch, beside the training stream."""
+
+    def __init__(self, cfg: RunConfig, key: str, make_epoch, rank: int, num_classes: int) -> None:
+        self.cfg, self.key, self.make_epoch, self.rank, self.num_classes = cfg, key, make_epoch, rank, num_classes
+
+    def path(self, e: int) -> Path:
+        return RunLayout(self.cfg.run_dir).teacher_cache(self.key, e, self.rank)
+
+    def epoch(self, e: int) -> _WithTargets:
+        return _WithTargets(self.make_epoch(e), read_targets(self.path(e)), self.path(e), self.num_classes)
+
+
+class _WithTargets:
+    """An epoch's batches with the cached target of each view appended; a view that differs from the
+    one the teacher saw stops training (the cache was made for another data stream)."""
+
+    def __init__(self, batches, targets: CachedTargets, path: Path, num_classes: int) -> None:
+        self.batches, self.targets, self.path, self.num_classes = batches, targets, path, num_classes
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        start = 0
+        for images, labels in self.batches:
+            stop = start + len(labels)
+            if not np.array_equal(view_fingerprints(images), self.targets.views[start:stop]):
+                raise DataError(f"{self.path}: cached for other training views (images {start}..{stop - 1} differ); "
+                                "delete the cache to rebuild it")
+            yield images, labels, self.targets.targets(start, stop, self.num_classes)
+            start = stop
+
+
+def _cached_teacher(cfg: RunConfig, decided: dict[str, Any], make_epoch, teacher, accelerator,
+                    num_classes: int) -> CachedTeacher:
+    """Build the missing epochs of the teacher cache (each process its own views), then read from it.
+
+    The cache is keyed by what its targets depend on — the teacher, the data and its order, the
+    number of processes and k — not by the student: every student trained on these views shares it.
+    """
+    keep = {k: v for k, v in decided.items()
+            if k != "init" and (not k.startswith("distill.") or k in ("distill.teacher", "distill.cache_top_k"))}
+    keep["world_size"] = accelerator.num_processes
+    key = hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+    cache = CachedTeacher(cfg, key, make_epoch, accelerator.process_index, num_classes)
+    k = cfg.distill.cache_top_k
+    for e in range(cfg.distill.epochs):
+        path = cache.path(e)
+        if path.is_file():
+            continue
+        parts: list[tuple] = []
+        with torch.no_grad():
+            for images, _ in make_epoch(e):
+                x = normalize(images.to(accelerator.device, non_blocking=True), cfg.data)
+                parts.append((*compress(teacher(x), k), view_fingerprints(images)))
+        write_targets(path, CachedTargets(*(np.concatenate([p[i] for p in parts]) for i in range(4))))
+        log.info("teacher cache: epoch %d of %d written (%s)", e + 1, cfg.distill.epochs, path)
+    accelerator.wait_for_everyone()
+    return cache
