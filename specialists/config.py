@@ -139,6 +139,14 @@ class InferenceConfig:
 
 
 @dataclass(frozen=True)
+class ControlConfig:
+    """The compute-matched control (``inference.control``): the generalist fine-tuned on all classes
+    for the specialists' total steps, with their optimiser and schedule."""
+
+    lr: float | None = None  # None: specialists.lr (a fair rival chooses its own on val)
+
+
+@dataclass(frozen=True)
 class DistillConfig:
     """A single student trained on a teacher's soft targets (section 2): ``alpha`` weighs the soft term
     T²·KL(teacher_T ‖ student_T), 1 − alpha the hard labels' cross-entropy."""
@@ -173,6 +181,7 @@ class RunConfig:
     clustering: ClusteringConfig = field(default_factory=ClusteringConfig)
     specialists: SpecialistsConfig = field(default_factory=SpecialistsConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
+    control: ControlConfig = field(default_factory=ControlConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -386,6 +395,8 @@ def _check_values(cfg: RunConfig, label: str) -> None:
         if value < 0:
             fail(key, f"expected ≥ 0, got {value}")
     name = cfg.distill.name
+    if cfg.control.lr is not None and not cfg.control.lr > 0:
+        fail("control.lr", f"expected > 0 or null, got {cfg.control.lr}")
     if name is not None and (not name or not all(c.isalnum() or c in "-_." for c in name) or name.startswith(".")):
         fail("distill.name", f"expected a folder name of letters, digits, '-', '_' or '.', got {name!r}")
 

@@ -196,3 +196,33 @@ def test_teacher_cache_with_every_class_trains_the_online_student(tiny_shards, r
     code, _, err = distill("distill.name=cached-alpha", "distill.teacher_cache=true", "distill.cache_top_k=12",
                            "distill.alpha=0.5")
     assert code == 0 and [f.stat().st_mtime_ns for f in files] == stamps  # reused, not rebuilt
+
+
+def test_two_process_student_is_in_sync_and_evaluated_exactly(tiny_shards, run, tmp_path):
+    """accelerate launch, 2 CPU processes: DDP keeps both ranks' weights identical; the validation
+    logged during training equals a 1-process evaluation of the saved student. (Two processes are not
+    bit-identical to one: each process takes its own half of the batch, so float sums differ.)"""
+    from accelerate import Accelerator
+
+    from specialists.artifacts.model_card import load_model
+    from specialists.train.evaluate import evaluate
+
+    run = shutil.copytree(run, tmp_path / "run")
+    sets = _overrides(tiny_shards, run, "distill.teacher=ensemble", "distill.epochs=2")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "-m", "specialists.cli", "distill", "--config", str(ROOT / "configs/tiny.yaml"),
+           *sum((["--set", s] for s in sets), [])]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    student = RunLayout(run).student("ensemble")
+    card = read_card(student)
+    cfg = load_config(ROOT / "configs/tiny.yaml", sets)
+    assert card.training["world_size"] == 2 and card.training["ranks_in_sync"] is True
+    from specialists.data import train_batches
+
+    per_epoch = len(train_batches(ShardIndex.load(tiny_shards), cfg.data, epoch=0, seed=0, rank=0, world_size=2))
+    assert per_epoch == 5 and card.training["steps"] == 2 * per_epoch  # each rank: 4 of the 8 shards, 5 batches
+    last = json.loads(student.train_log.read_text().splitlines()[-1])
+    model, _ = load_model(student)
+    figures = evaluate(model, eval_batches(ShardIndex.load(tiny_shards), cfg.data, "val"), Accelerator(cpu=True), cfg.data)
+    assert figures["n"] == last["val_n"] == 96 and figures["top1"] == pytest.approx(last["val_top1"], abs=1e-12)

@@ -43,7 +43,7 @@ NAME = "train-control"
 HELP = "the compute-matched control: the generalist fine-tuned on all classes"
 DESCRIPTION = ("Fine-tune a copy of the generalist on all classes for as many steps as all the specialists "
                "together; evaluate combines it with the generalist like a specialist.")
-DECIDING = ("seed", *TRAIN_DATA_KEYS, "specialists.lr", "specialists.optimizer", "specialists.momentum",
+DECIDING = ("seed", *TRAIN_DATA_KEYS, "specialists.optimizer", "specialists.momentum",
             "specialists.weight_decay", "specialists.warmup_steps")
 SEED_OFFSET = 7919  # the control's data order and initial RNG differ from the generalist's
 
@@ -66,8 +66,12 @@ def matched_steps(cfg: RunConfig, index: ShardIndex) -> int:
     return total
 
 
+def control_lr(cfg: RunConfig) -> float:
+    return cfg.control.lr if cfg.control.lr is not None else cfg.specialists.lr
+
+
 def deciding(cfg: RunConfig, index: ShardIndex, gcard: ModelCard, steps: int) -> dict[str, Any]:
-    return deciding_values(cfg, DECIDING, index=index, generalist=gcard.sha256, steps=steps)
+    return deciding_values(cfg, DECIDING, index=index, generalist=gcard.sha256, steps=steps, lr=control_lr(cfg))
 
 
 def is_done(cfg: RunConfig) -> bool:
@@ -108,7 +112,7 @@ def _train(cfg: RunConfig, accelerator, *, force: bool) -> None:
     model, gcard = load_generalist(cfg, index, accelerator.device)
     decided = deciding(cfg, index, gcard, steps)
     set_seed(cfg.seed + SEED_OFFSET)
-    optimizer = build_optimizer(model, scfg.optimizer, scfg.lr, scfg.momentum, scfg.weight_decay)
+    optimizer = build_optimizer(model, scfg.optimizer, control_lr(cfg), scfg.momentum, scfg.weight_decay)
     scheduler = warmup_cosine(optimizer, scfg.warmup_steps, steps)
     checkpoints = Checkpointer(paths.checkpoints, deciding={**decided, "precision": accelerator.mixed_precision})
     loop = TrainLoop(accelerator, model, optimizer, scheduler, checkpointer=checkpoints, ddp=False,
@@ -126,7 +130,7 @@ def _train(cfg: RunConfig, accelerator, *, force: bool) -> None:
     card = build_card("control", arch=gcard.arch, arch_kwargs=gcard.arch_kwargs, num_outputs=gcard.num_outputs,
                       class_names=gcard.class_names, data_cfg=cfg.data, data=index.root, deciding=decided,
                       source_generalist=gcard.sha256,
-                      training={"steps": steps, "lr": scfg.lr, "seconds": time.perf_counter() - start})
+                      training={"steps": steps, "lr": control_lr(cfg), "seconds": time.perf_counter() - start})
     save_model(paths, loop.unwrapped.eval(), card)
     checkpoints.clear()
     loop.close()

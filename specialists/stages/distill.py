@@ -59,7 +59,7 @@ from ..io import atomic_write_text
 from ..layout import RunLayout
 from ..models.registry import arch_options, create_model
 from ..train import Checkpointer, EpochSource, TrainLoop, build_optimizer, warmup_cosine
-from ..train.epochs import EpochLog, count_steps
+from ..train.epochs import EpochLog, count_steps, ranks_in_sync
 from ..train.losses import distillation_loss
 
 log = logging.getLogger(__name__)
@@ -196,12 +196,14 @@ def run(cfg: RunConfig, *, force: bool = False) -> Path:
                          paths.train_log, channels_last=cfg.generalist.channels_last, name=f"student {name} epoch")
     source = EpochSource(teacher.epoch if isinstance(teacher, CachedTeacher) else epoch, dcfg.epochs)
     loop.fit(source, loss_fn, sum(steps), on_epoch_end=epoch_log)
+    in_sync = ranks_in_sync(accelerator, loop.unwrapped)
     if accelerator.is_main_process:
         card = build_card("student", arch=arch, arch_kwargs=options, num_outputs=index.num_classes,
                           class_names=index.class_names, data_cfg=cfg.data, data=index.root, deciding=decided,
                           source_generalist=gcard.sha256,
                           training={"name": name, "teacher": dcfg.teacher, "steps": loop.state.step, "lr": lr,
                                     "alpha": dcfg.alpha, "temperature": dcfg.temperature, "world_size": world,
+                                    "ranks_in_sync": in_sync,
                                     "parameters": sum(p.numel() for p in loop.unwrapped.parameters()),
                                     "val_top1": loop.state.log["epochs"][-1]["val_top1"]})
         save_model(paths, loop.unwrapped, card)

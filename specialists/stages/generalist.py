@@ -13,7 +13,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from ..artifacts.deciding import check_same
@@ -26,7 +25,7 @@ from ..io import atomic_write_text
 from ..layout import RunLayout
 from ..models.registry import arch_options, create_model
 from ..train import Checkpointer, EpochSource, TrainLoop, build_optimizer, warmup_cosine
-from ..train.epochs import EpochLog, count_steps
+from ..train.epochs import EpochLog, count_steps, ranks_in_sync
 
 log = logging.getLogger(__name__)
 
@@ -130,15 +129,3 @@ def run(cfg: RunConfig, *, resume: bool = True, force: bool = False) -> Path:
     accelerator.wait_for_everyone()
     loop.close()
     return paths.weights
-
-
-def ranks_in_sync(accelerator: Accelerator, model: torch.nn.Module) -> bool:
-    """Whether every process holds exactly the same weights (a checksum compared across ranks)."""
-    checksum = torch.stack([p.detach().double().sum() * (i + 1) for i, p in enumerate(model.state_dict().values())
-                            if p.is_floating_point()]).sum().reshape(1).to(accelerator.device)
-    sums = accelerator.gather(checksum)
-    same = bool((sums == sums[0]).all())
-    if not same:
-        log.warning("weights differ across processes after training: %s", sums.tolist())
-    return same
-

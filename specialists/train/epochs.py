@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable, Sized
 from pathlib import Path
 
+import torch
 from accelerate import Accelerator
 
 from ..config import DataConfig
@@ -58,3 +59,15 @@ class EpochLog:
                      "(%.0f images/s)", self.name, record["epoch"], record["train_loss"], record["train_top1"],
                      record["val_top1"], record["val_top5"], record["images_per_s"])
         self.start, self.samples_at_start = time.perf_counter(), 0
+
+
+def ranks_in_sync(accelerator: Accelerator, model: torch.nn.Module) -> bool:
+    """Whether every process holds exactly the same weights (a checksum compared across ranks)."""
+    checksum = torch.stack([p.detach().double().sum() * (i + 1) for i, p in enumerate(model.state_dict().values())
+                            if p.is_floating_point()]).sum().reshape(1).to(accelerator.device)
+    sums = accelerator.gather(checksum)
+    same = bool((sums == sums[0]).all())
+    if not same:
+        log.warning("weights differ across processes after training: %s", sums.tolist())
+    return same
+
