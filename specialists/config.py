@@ -139,6 +139,14 @@ class InferenceConfig:
 
 
 @dataclass(frozen=True)
+class TrackingConfig:
+    """Experiment trackers (plumbing: they decide no result). ``--log-with tensorboard`` sets log_with."""
+
+    log_with: tuple[str, ...] = ()  # accelerate trackers: tensorboard, wandb, mlflow, …, or all (installed ones)
+    every: int = 50  # optimiser steps between logged training points (loss, lr, images/s)
+
+
+@dataclass(frozen=True)
 class RunConfig:
     name: str = "run"  # shown in reports and logs
     run_dir: str = "runs/run"
@@ -148,6 +156,7 @@ class RunConfig:
     clustering: ClusteringConfig = field(default_factory=ClusteringConfig)
     specialists: SpecialistsConfig = field(default_factory=SpecialistsConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(self)
@@ -320,6 +329,7 @@ def _check_values(cfg: RunConfig, label: str) -> None:
         "inference.top_n": cfg.inference.top_n,
         "inference.batch_size": cfg.inference.batch_size,
         "inference.max_iter": cfg.inference.max_iter,
+        "tracking.every": cfg.tracking.every,
     }
     for key, value in positive.items():
         if value < 1:
