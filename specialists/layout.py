@@ -133,6 +133,11 @@ class RunLayout:
     def metrics(self, split: str) -> Path:
         return self.root / f"metrics-{split}.json"
 
+    def evaluated_splits(self) -> list[str]:
+        """Splits with both metrics and per-example predictions (what an evaluation report needs)."""
+        found = sorted(p.stem.removeprefix("metrics-") for p in self.root.glob("metrics-*.json"))
+        return [split for split in found if self.predictions(split).is_file()]
+
     def predictions(self, split: str) -> Path:
         """Per-example labels and predictions of every predictor on ``split`` (beside its metrics)."""
         return self.root / f"predictions-{split}.npz"
