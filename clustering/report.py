@@ -295,12 +295,14 @@ def _save_image(path: Path, image: np.ndarray) -> None:
 
 
 SHEET_COLUMNS = 25  # glyph sheet: one example per class, this many to a row
+SHEET_WIDTH = 1200  # and shown at most this wide (px)
 TOP_PAIRS = 12  # most-confused pairs listed per specialist page
 
 
-def _write_sheet(root: Path, m: int, s: np.ndarray, examples: dict[int, np.ndarray]) -> str | None:
+def _write_sheet(root: Path, m: int, s: np.ndarray, examples: dict[int, np.ndarray]) -> tuple[str, int] | None:
     """One image with the first example of every class of set ``m``, in the set's order, so a
-    reader sees the kind of shapes a specialist holds at a glance."""
+    reader sees the kind of shapes a specialist holds at a glance. Returns its path and the width
+    to show it at (tiles about STRIP_HEIGHT px high, at most SHEET_WIDTH px in all)."""
 
     firsts = [examples[i][0] for i in s if i in examples and len(examples[i])]
     if not firsts or any(f.shape != firsts[0].shape for f in firsts):
@@ -317,7 +319,7 @@ def _write_sheet(root: Path, m: int, s: np.ndarray, examples: dict[int, np.ndarr
         sheet[r * (h + 2) : r * (h + 2) + h, c * (w + 2) : c * (w + 2) + w] = img
     path = f"sheet-{m:03d}.png"
     _save_image(root / path, sheet)
-    return path
+    return path, min(SHEET_WIDTH, round(sheet.shape[1] * max(1.0, STRIP_HEIGHT / h)))
 
 
 def _confused_pairs(conf: np.ndarray, s: np.ndarray) -> list[tuple[int, int, int]]:
@@ -340,7 +342,7 @@ _STYLE = (
     "caption{text-align:left;font-weight:bold;padding:4px 0}p.note{color:#555;max-width:60em}"
     "nav#reports{background:#f3f3f3;padding:4px 10px;margin-bottom:1em}"
     ".up{color:#060}.down{color:#a00}"
-    "img.strip{image-rendering:pixelated;height:48px}img.sheet{image-rendering:pixelated;width:min(100%,1200px)}"
+    "img.strip{image-rendering:pixelated;height:48px;vertical-align:middle}img.sheet{image-rendering:pixelated;max-width:100%}"
     "img.chart{max-width:100%}div.row{display:flex;flex-wrap:wrap;gap:2em;align-items:flex-start}"
     "</style>"
 )
@@ -473,7 +475,7 @@ def _specialist_page(
     confusion_png: str | None,
     num_sets: int,
     *,
-    sheet_png: str | None = None,
+    sheet_png: tuple[str, int] | None = None,
     pairs: Sequence[tuple[int, int, int]] = (),
 ) -> str:
     nav = ['<p><a href="index.html">index</a>']
@@ -490,8 +492,9 @@ def _specialist_page(
         )
     parts.append("</p>")
     if sheet_png is not None:
-        parts.append(f'<h2>One example of each class, in table order</h2><img class="sheet" src="{sheet_png}" '
-                     'alt="examples of every class">')
+        path, width = sheet_png
+        parts.append(f'<h2>One example of each class, in table order</h2><img class="sheet" src="{path}" '
+                     f'style="width:{width}px" alt="examples of every class">')
     if pairs:
         parts.append("<h2>Most confused pairs within the set (val)</h2><table>"
                      "<tr><th>true</th><th>predicted</th><th>count</th><th>true examples</th>"

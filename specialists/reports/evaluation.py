@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 BASELINE = "generalist"
 MAIN = "ensemble"
 TOP_PAIRS = 20  # fixed / broken confusion pairs listed
+LABELLED = 20  # the per-class scatter names its points up to this many classes
 SPECIALIST_PAGE = "specialist-{:03d}.html"  # the clustering report's page of the set at this position
 
 Pair = tuple[int, int, int]  # (true class, the other class, images)
@@ -118,7 +119,7 @@ def build_report(page: Path, assets: Path, metrics: Mapping[str, Any], predictio
     shown = sorted({c for a, b, _ in fixed + broken for c in (a, b)})
     with atomic_directory(assets, overwrite=True) as tmp:
         strips = write_strips(tmp, examples(shown), shown)
-        charts = _charts(tmp, metrics, predictions)
+        charts = _charts(tmp, metrics, predictions, class_names)
     rel = assets.name
     body = "\n".join([
         _header(metrics, clustering_pages),
@@ -137,7 +138,8 @@ def build_report(page: Path, assets: Path, metrics: Mapping[str, Any], predictio
 
 
 # ------------------------------------------------------------------------------- the charts
-def _charts(root: Path, metrics: Mapping[str, Any], predictions: Predictions) -> dict[str, str]:
+def _charts(root: Path, metrics: Mapping[str, Any], predictions: Predictions, names: Sequence[str]
+            ) -> dict[str, str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -146,7 +148,7 @@ def _charts(root: Path, metrics: Mapping[str, Any], predictions: Predictions) ->
         charts["specialists"] = _specialists_chart(root / "specialists.png", metrics)
     others = [k for k in metrics["predictors"] if k != BASELINE and k in predictions.predicted]
     if others and BASELINE in predictions.predicted:
-        charts["classes"] = _classes_chart(root / "classes.png", metrics["split"], predictions, others)
+        charts["classes"] = _classes_chart(root / "classes.png", metrics["split"], predictions, others, names)
     return {k: Path(v).name for k, v in charts.items()}
 
 
@@ -169,29 +171,37 @@ def _specialists_chart(path: Path, metrics: Mapping[str, Any]) -> Path:
     return path
 
 
-def _classes_chart(path: Path, split: str, predictions: Predictions, others: list[str]) -> Path:
+def _classes_chart(path: Path, split: str, predictions: Predictions, others: list[str],
+                   names: Sequence[str]) -> Path:
     """Per class: the generalist's accuracy (x) against each other predictor's (y); marker area ∝
-    the number of classes at that point (accuracies of a few images per class coincide)."""
+    the number of classes at that point (accuracies of a few images per class coincide). The axes
+    span the accuracies seen, so that small changes show; up to ``LABELLED`` classes are named."""
     import matplotlib.pyplot as plt
 
     c = predictions.num_classes
     n, g_right = class_accuracy(predictions.label, predictions.predicted[BASELINE], c)
-    seen = n > 0
+    seen = np.flatnonzero(n > 0)
+    x = g_right[seen] / n[seen]
+    ys = {name: class_accuracy(predictions.label, predictions.predicted[name], c)[1][seen] / n[seen] for name in others}
+    lo = min(x.min(), *(y.min() for y in ys.values())) if seen.size else 0.0
+    lo = max(0.0, lo - 0.05 * (1.0 - lo) - 0.01)
     fig, axes = plt.subplots(1, len(others), figsize=(4.2 * len(others) + 0.6, 4.4), dpi=100, squeeze=False)
-    for ax, name in zip(axes[0], others, strict=True):
-        _, right = class_accuracy(predictions.label, predictions.predicted[name], c)
-        x, y = g_right[seen] / n[seen], right[seen] / n[seen]
+    for ax, (name, y) in zip(axes[0], ys.items(), strict=True):
         points, counts = np.unique(np.stack([x, y], axis=1), axis=0, return_counts=True)
         ax.scatter(points[:, 0], points[:, 1], s=12 + 60 * np.sqrt(counts / counts.max()), alpha=0.6,
                    color="#357", edgecolors="none")
-        ax.plot([0, 1], [0, 1], color="#999", linewidth=0.8)
-        ax.set_xlim(-0.03, 1.03)
-        ax.set_ylim(-0.03, 1.03)
+        if seen.size <= LABELLED:
+            for k, px, py in zip(seen, x, y, strict=True):
+                label = names[k] if str(names[k]).isascii() else str(k)  # the plot's font may lack the script
+                ax.annotate(label, (px, py), xytext=(3, -3), textcoords="offset points", fontsize=7, color="#333")
+        ax.plot([lo, 1], [lo, 1], color="#999", linewidth=0.8)
+        ax.set_xlim(lo, 1.0 + 0.02 * (1 - lo))
+        ax.set_ylim(lo, 1.0 + 0.02 * (1 - lo))
         ax.set_aspect("equal")
         ax.set_xlabel(f"{BASELINE} accuracy on {split}")
         ax.set_ylabel(f"{name} accuracy on {split}")
         ax.set_title(f"{name}: {int((y > x).sum())} classes up, {int((y < x).sum())} down", fontsize=10)
-    fig.suptitle(f"Per-class top-1 on the {split} split ({int(seen.sum())} classes)")
+    fig.suptitle(f"Per-class top-1 on the {split} split ({seen.size} classes)")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -201,6 +211,11 @@ def _classes_chart(path: Path, split: str, predictions: Predictions, others: lis
 # ------------------------------------------------------------------------------- the pages
 def _e(value: Any) -> str:
     return html.escape(str(value))
+
+
+def _n(value: Any) -> str:
+    """A count with thousands separators ("–" when absent)."""
+    return f"{value:,}" if isinstance(value, int) else "–" if value is None else _e(value)
 
 
 def _pct(value: float | None, *, signed: bool = False) -> str:
@@ -213,7 +228,7 @@ def _signed(value: int | None) -> str:
     if value is None:
         return "–"
     css = "up" if value > 0 else "down" if value < 0 else ""
-    return f'<span class="{css}">{value:+d}</span>' if css else "0"
+    return f'<span class="{css}">{value:+,d}</span>' if css else "0"
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], *, caption: str = "",
@@ -240,8 +255,8 @@ def _header(metrics: Mapping[str, Any], clustering_pages: bool) -> str:
     nav = '<nav id="reports"><a href="index.html">Specialist class sets (clustering report)</a></nav>' \
         if clustering_pages else ""
     return (f"{nav}<h1>Evaluation on the {_e(split)} split: run {_e(metrics.get('run', ''))}</h1>"
-            f"<p>{metrics['num_examples']} {_e(split)} images, {metrics.get('num_classes', '?')} classes, "
-            f"{metrics.get('num_specialists', len(metrics['specialists']))} specialists. Every figure on this page "
+            f"<p>{_n(metrics['num_examples'])} {_e(split)} images, {_n(metrics.get('num_classes'))} classes, "
+            f"{_n(metrics.get('num_specialists'))} specialists. Every figure on this page "
             f"was measured on the {_e(split)} split.</p>")
 
 
@@ -251,8 +266,8 @@ def _top1_section(metrics: Mapping[str, Any]) -> str:
     for name, p in preds.items():
         v = p.get("vs_generalist")
         mc = v["mcnemar"] if v else None
-        rows.append([_e(name), p["correct"], _pct(p["top1"]), _signed(v["change_correct"]) if v else "–",
-                     mc["b"] if mc else "–", mc["c"] if mc else "–", f"{mc['p_value']:.3g}" if mc else "–"])
+        rows.append([_e(name), _n(p["correct"]), _pct(p["top1"]), _signed(v["change_correct"]) if v else "–",
+                     _n(mc["b"]) if mc else "–", _n(mc["c"]) if mc else "–", f"{mc['p_value']:.3g}" if mc else "–"])
     parts = [f"<h2>Top-1 on the {_e(split)} split</h2>",
              _table(["predictor", "correct", "top-1", "change", "b", "c", "McNemar p"], rows),
              f'<p class="note">b: images the {BASELINE} got right and the predictor wrong; c: the reverse; '
@@ -260,8 +275,8 @@ def _top1_section(metrics: Mapping[str, Any]) -> str:
     vs_control = preds.get(MAIN, {}).get("vs_control")
     if vs_control:
         mc = vs_control["mcnemar"]
-        parts.append(f"<p>{MAIN} vs control: {_signed(vs_control['change_correct'])} correct; b = {mc['b']} "
-                     f"(control right only), c = {mc['c']} ({MAIN} right only), p = {mc['p_value']:.3g}.</p>")
+        parts.append(f"<p>{MAIN} vs control: {_signed(vs_control['change_correct'])} correct; b = {mc['b']:,} "
+                     f"(control right only), c = {mc['c']:,} ({MAIN} right only), p = {mc['p_value']:.3g}.</p>")
     return "\n".join(parts)
 
 
@@ -269,12 +284,12 @@ def _conditional_section(metrics: Mapping[str, Any]) -> str:
     preds, split, sub = metrics["predictors"], metrics["split"], metrics.get("conditional_subset")
     if not sub:
         return ""
-    rows = [[_e(name), p["conditional"]["correct"], _pct(p["conditional"]["accuracy"]),
+    rows = [[_e(name), _n(p["conditional"]["correct"]), _pct(p["conditional"]["accuracy"]),
              _pct(p.get("vs_generalist", {}).get("conditional_relative_change"), signed=True)]
             for name, p in preds.items() if "conditional" in p]
     return (f"<h2>Table 3: conditional accuracy on the {_e(split)} split</h2>"
-            f'<p class="note">{sub["num_examples"]} {_e(split)} images whose class is in some specialist\'s set; '
-            f"every predictor answers among the {sub['union_classes']} classes of the sets.</p>"
+            f'<p class="note">{sub["num_examples"]:,} {_e(split)} images whose class is in some specialist\'s set; '
+            f"every predictor answers among the {sub['union_classes']:,} classes of the sets.</p>"
             + _table(["predictor", "correct", "accuracy", "relative change"], rows))
 
 
@@ -291,10 +306,10 @@ def _coverage_section(metrics: Mapping[str, Any]) -> str:
     for i, row in enumerate(by[others[0]]):
         if row["num_examples"] == 0:
             continue
-        cells = [row["covering"], row["num_examples"], row["generalist_correct"]]
+        cells = [row["covering"], _n(row["num_examples"]), _n(row["generalist_correct"])]
         for k in others:
             r = by[k][i]
-            cells += [r["correct"], _signed(r["change_correct"]), _pct(r["relative_change"], signed=True)]
+            cells += [_n(r["correct"]), _signed(r["change_correct"]), _pct(r["relative_change"], signed=True)]
         rows.append(cells)
     return (f"<h2>Table 4: by number of specialists covering the true class, on the {_e(split)} split</h2>"
             + _table(header, rows))
@@ -312,8 +327,8 @@ def _specialists_section(metrics: Mapping[str, Any], chart: str | None, rel: str
         a = applied.get(s["id"], {})
         name = f"specialist&nbsp;{s['id']}"
         link = f'<a href="{SPECIALIST_PAGE.format(i)}">{name}</a>' if clustering_pages else name
-        rows.append([link, len(s["classes"]), s.get("routed", "–"), s.get("routed_generalist_correct", "–"),
-                     s.get("routed_correct", "–"), _signed(s.get("routed_change_correct")), s["num_examples"],
+        rows.append([link, _n(len(s["classes"])), _n(s.get("routed")), _n(s.get("routed_generalist_correct")),
+                     _n(s.get("routed_correct")), _signed(s.get("routed_change_correct")), _n(s["num_examples"]),
                      _pct(s["generalist_accuracy"]), _pct(s["specialist_accuracy"]),
                      _number(a.get("dustbin_bias")), _number(a.get("temperature"))])
     header = ["specialist", "classes", "images routed", f"{BASELINE} correct", f"{MAIN} correct", "change",
@@ -336,7 +351,7 @@ def _pairs_section(metrics: Mapping[str, Any], fixed: list[Pair], broken: list[P
                    strips: Mapping[int, str]) -> str:
     split = metrics["split"]
     mc = metrics["predictors"].get(MAIN, {}).get("vs_generalist", {}).get("mcnemar")
-    totals = f" ({mc['c']} images fixed and {mc['b']} broken in all)" if mc else ""
+    totals = f" ({mc['c']:,} images fixed and {mc['b']:,} broken in all)" if mc else ""
     parts = [f"<h2>Confusions the {MAIN} fixed and broke on the {_e(split)} split{totals}</h2>",
              f'<p class="note">Fixed: the {BASELINE} answered the other class, the {MAIN} the true one. Broken: the '
              f"{BASELINE} was right, the {MAIN} answered the other class. The {TOP_PAIRS} most frequent pairs of each; "
@@ -366,7 +381,7 @@ def _classes_section(metrics: Mapping[str, Any], predictions: Predictions, chart
             f'<p><img class="chart" src="{rel}/{chart}" alt="per-class accuracy"></p>'
             f'<p class="note">One point per class with {_e(metrics["split"])} images; above the diagonal the predictor '
             f"beats the {BASELINE} on that class. The marker's size grows with the number of classes at that "
-            "point.</p>")
+            "point; the axes start at the lowest accuracy seen.</p>")
 
 
 def _settings_section(metrics: Mapping[str, Any], method: Mapping[str, Any] | None) -> str:
