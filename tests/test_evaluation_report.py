@@ -175,3 +175,48 @@ def test_both_reports_render_in_chromium(tiny_run, tmp_path):
             if path == layout.report_index:
                 assert page.get_attribute("nav#reports a", "href") == evaluation.name
             page.close()
+
+
+def test_any_predictor_in_the_metrics_is_reported(tmp_path):
+    """A predictor the evaluation does not know (a distilled student, say) gets its top-1 row with
+    McNemar's b / c / p and its own scatter panel; figures it lacks (table 3, 4) are left out."""
+    from specialists.evaluation import mcnemar
+    from specialists.reports.evaluation import build_report
+
+    label = np.array([0, 0, 1, 1, 2, 2, 3, 3])
+    preds = {"generalist": np.array([0, 1, 1, 1, 2, 3, 3, 3]), "ensemble": np.array([0, 0, 1, 0, 2, 2, 3, 3]),
+             "student": np.array([1, 0, 1, 1, 2, 2, 2, 3])}
+    ok = {k: v == label for k, v in preds.items()}
+    student_mc = mcnemar(ok["generalist"], ok["student"])
+    metrics = {
+        "run": "hand", "split": "val", "num_examples": 8, "num_classes": 4, "num_specialists": 1,
+        "inference": {"top_n": 1, "correction": "none"}, "models": {"specialists": [{"id": 0, "applied": {
+            "correction": "none", "dustbin_bias": 0.0, "temperature": 1.0}}]},
+        "conditional_subset": {"num_examples": 8, "union_classes": 4},
+        "predictors": {
+            "generalist": {"correct": 6, "top1": 0.75, "conditional": {"correct": 6, "accuracy": 0.75}},
+            "ensemble": {"correct": 7, "top1": 0.875, "conditional": {"correct": 7, "accuracy": 0.875},
+                         "vs_generalist": {"change_correct": 1, "conditional_relative_change": 1 / 6,
+                                           "mcnemar": mcnemar(ok["generalist"], ok["ensemble"])}},
+            "student": {"correct": 6, "top1": 0.75, "vs_generalist": {"change_correct": 0, "mcnemar": student_mc}},
+        },
+        "specialists": [{"id": 0, "classes": [0, 1, 2, 3], "num_examples": 8, "specialist_accuracy": 0.5,
+                         "generalist_accuracy": 0.75, "routed": 8, "routed_generalist_correct": 6,
+                         "routed_correct": 7, "routed_change_correct": 1}],
+    }
+    path = tmp_path / "preds.npz"
+    write_predictions(path, split="val", num_classes=4, label=label, predicted=preds, covering=np.ones(8),
+                      specialist_ids=[0], routed=np.ones((8, 1), dtype=bool))
+    examples = {c: np.full((2, 8, 8), 60 * c, dtype=np.uint8) for c in range(4)}
+    page = build_report(tmp_path / "evaluation-val.html", tmp_path / "evaluation-val", metrics,
+                        read_predictions(path), ["a", "b", "c", "d"], lambda classes: examples)
+    text = page.read_text()
+    assert (student_mc["b"], student_mc["c"]) == (2, 2)
+    assert ('<tr><td>student</td><td class="num">6</td><td class="num">75.00%</td><td class="num">0</td>'
+            f'<td class="num">2</td><td class="num">2</td><td class="num">{student_mc["p_value"]:.3g}</td></tr>') in text
+    assert text.count("<td>student</td>") == 1  # not in table 3: it has no conditional figure
+    assert 'data-true="0" data-other="1" data-count="1"' in text and 'data-true="1" data-other="0"' in text
+    import matplotlib.pyplot as plt
+
+    chart = plt.imread(tmp_path / "evaluation-val" / "classes.png")
+    assert chart.shape[1] == round(100 * (4.2 * 2 + 0.6))  # two panels: ensemble and student

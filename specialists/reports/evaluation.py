@@ -235,11 +235,11 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], *, caption: str
            attrs: Sequence[str] | None = None) -> str:
     """An HTML table; cells are HTML already. Columns whose cells are all numbers are right-aligned."""
     numeric = [all(_numeric(row[i]) for row in rows) if rows else False for i in range(len(header))]
-    align = ['class="num"' if n else "" for n in numeric]
-    head = "".join(f"<th {a}>{h}</th>" for a, h in zip(align, header, strict=True))
+    align = [' class="num"' if n else "" for n in numeric]
+    head = "".join(f"<th{a}>{h}</th>" for a, h in zip(align, header, strict=True))
     body = []
     for r, row in enumerate(rows):
-        cells = "".join(f"<td {a}>{v}</td>" for a, v in zip(align, row, strict=True))
+        cells = "".join(f"<td{a}>{v}</td>" for a, v in zip(align, row, strict=True))
         body.append(f"<tr{' ' + attrs[r] if attrs else ''}>{cells}</tr>")
     cap = f"<caption>{caption}</caption>" if caption else ""
     return f"<table>{cap}<tr>{head}</tr>{''.join(body)}</table>"
