@@ -119,10 +119,10 @@ def run(cfg: RunConfig, *, split: str = "test") -> dict[str, Any] | None:
 def write_records(cfg: RunConfig, split: str, records: Records, loaded: LoadedEnsemble) -> None:
     """Every predictor's answer per example (``predictions-<split>.npz``), for the evaluation report."""
     col = records.columns
-    names = [BASELINE, *records.names]
+    predicted = {k.removesuffix(".pred"): v for k, v in col.items() if k.endswith(".pred")}  # every predictor
     write_predictions(RunLayout(cfg.run_dir).predictions(split), split=split, num_classes=loaded.num_classes,
-                      label=col["label"], predicted={n: col[f"{n}.pred"] for n in names}, covering=col["covering"],
-                      specialist_ids=loaded.ids, routed=records.routed)
+                      label=col["label"], predicted=predicted, covering=col["covering"], specialist_ids=loaded.ids,
+                      routed=records.routed)
 
 
 def tracked_figures(metrics: dict[str, Any]) -> dict[str, float]:
