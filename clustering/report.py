@@ -14,6 +14,7 @@ import html
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -28,7 +29,7 @@ from clustering.quality import chance_pair_share
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["summary", "write_report"]
+__all__ = ["html_page", "set_links", "settings_table", "summary", "write_report", "write_strips"]
 
 HEATMAP_PIXELS = 800  # the reordered covariance is block-averaged to at most this size
 EXAMPLES_PER_CLASS = 4
@@ -66,6 +67,8 @@ def write_report(
     examples: Mapping[int, np.ndarray] | None = None,
     confusion: np.ndarray | torch.Tensor | None = None,
     method: Mapping[str, Any] | None = None,
+    links: Sequence[tuple[str, str]] = (),
+    keep: Sequence[str] = (),
 ) -> Path:
     """Writes the report directory atomically and returns the path of its index.html.
 
@@ -77,7 +80,10 @@ def write_report(
         examples: class index -> uint8 images (n, H, W) or (n, H, W, 3); at most
             ``EXAMPLES_PER_CLASS`` are shown per class.
         confusion: (C, C) counts, rows = true class, columns = predicted.
-        method: the clustering options (``describe_method``), shown as is.
+        method: the clustering options (``describe_method``), shown as a table.
+        links: (text, href) of other pages to list at the top of index.html (see :func:`set_links`).
+        keep: names of files or folders of an existing ``out_dir`` to carry into the new one
+            (pages written there by others, e.g. an evaluation report).
     """
     cov_t = _check_cov(cov)
     c = cov_t.shape[0]
@@ -91,7 +97,8 @@ def write_report(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         stats = _summary(cov_t, sets, conf)
-        _write_pages(tmp, cov_t, list(map(str, class_names)), sets, examples, conf, method, stats)
+        _write_pages(tmp, cov_t, list(map(str, class_names)), sets, examples, conf, method, stats, links)
+        _carry(out, tmp, keep)
         _replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -207,6 +214,7 @@ def _write_pages(
     conf: np.ndarray | None,
     method: Mapping[str, Any] | None,
     stats: dict[str, Any],
+    links: Sequence[tuple[str, str]] = (),
 ) -> None:
     import matplotlib
 
@@ -234,7 +242,7 @@ def _write_pages(
     fig.savefig(root / "coverage.png")
     plt.close(fig)
 
-    strips = _write_strips(root, examples, sorted({int(i) for s in sets for i in s}))
+    strips = write_strips(root, examples, sorted({int(i) for s in sets for i in s}))
     for m, s in enumerate(sets):
         confusion_png = None
         if conf is not None:
@@ -248,18 +256,21 @@ def _write_pages(
         page = _specialist_page(m, s, names, strips, stats["specialists"][m], confusion_png, len(sets),
                                 sheet_png=sheet_png, pairs=pairs)
         (root / f"specialist-{m:03d}.html").write_text(page, encoding="utf-8")
-    (root / "index.html").write_text(_index_page(names, sets, stats, method), encoding="utf-8")
+    (root / "index.html").write_text(_index_page(names, sets, stats, method, links), encoding="utf-8")
     summary_json = {k: v for k, v in stats.items()}
     (root / "summary.json").write_text(json.dumps(summary_json, indent=1), encoding="utf-8")
 
 
-def _write_strips(root: Path, examples: dict[int, np.ndarray], classes: list[int]) -> dict[int, str]:
-    """One PNG per class with up to EXAMPLES_PER_CLASS examples side by side."""
+def write_strips(root: Path, examples: Mapping[int, np.ndarray], classes: Sequence[int]) -> dict[int, str]:
+    """One PNG per class with up to EXAMPLES_PER_CLASS examples side by side, in ``root/strips/``.
 
-    paths = {}
+    ``examples``: class → uint8 images (n, H, W) or (n, H, W, 3). Returns class → path relative to ``root``.
+    """
+
+    paths: dict[int, str] = {}
     if not examples:
         return paths
-    (root / "strips").mkdir()
+    (root / "strips").mkdir(exist_ok=True)
     for i in classes:
         if i not in examples or len(examples[i]) == 0:
             continue
@@ -284,12 +295,14 @@ def _save_image(path: Path, image: np.ndarray) -> None:
 
 
 SHEET_COLUMNS = 25  # glyph sheet: one example per class, this many to a row
+SHEET_WIDTH = 1200  # and shown at most this wide (px)
 TOP_PAIRS = 12  # most-confused pairs listed per specialist page
 
 
-def _write_sheet(root: Path, m: int, s: np.ndarray, examples: dict[int, np.ndarray]) -> str | None:
+def _write_sheet(root: Path, m: int, s: np.ndarray, examples: dict[int, np.ndarray]) -> tuple[str, int] | None:
     """One image with the first example of every class of set ``m``, in the set's order, so a
-    reader sees the kind of shapes a specialist holds at a glance."""
+    reader sees the kind of shapes a specialist holds at a glance. Returns its path and the width
+    to show it at (tiles about STRIP_HEIGHT px high, at most SHEET_WIDTH px in all)."""
 
     firsts = [examples[i][0] for i in s if i in examples and len(examples[i])]
     if not firsts or any(f.shape != firsts[0].shape for f in firsts):
@@ -306,7 +319,7 @@ def _write_sheet(root: Path, m: int, s: np.ndarray, examples: dict[int, np.ndarr
         sheet[r * (h + 2) : r * (h + 2) + h, c * (w + 2) : c * (w + 2) + w] = img
     path = f"sheet-{m:03d}.png"
     _save_image(root / path, sheet)
-    return path
+    return path, min(SHEET_WIDTH, round(sheet.shape[1] * max(1.0, STRIP_HEIGHT / h)))
 
 
 def _confused_pairs(conf: np.ndarray, s: np.ndarray) -> list[tuple[int, int, int]]:
@@ -323,18 +336,90 @@ def _confused_pairs(conf: np.ndarray, s: np.ndarray) -> list[tuple[int, int, int
 
 
 _STYLE = (
-    "<style>body{font-family:sans-serif;margin:1.5em}table{border-collapse:collapse}"
-    "td,th{border:1px solid #ccc;padding:2px 6px;text-align:left}"
-    "img.strip{image-rendering:pixelated;height:48px}img.sheet{image-rendering:pixelated;width:min(100%,1200px)}"
+    "<style>body{font-family:sans-serif;margin:1.5em;max-width:1400px}table{border-collapse:collapse}"
+    "td,th{border:1px solid #ccc;padding:2px 6px;text-align:left;vertical-align:top}"
+    "td.num,th.num{text-align:right;font-variant-numeric:tabular-nums}th[scope=row]{font-weight:normal;color:#333}"
+    "caption{text-align:left;font-weight:bold;padding:4px 0}p.note{color:#555;max-width:60em}"
+    "nav#reports{background:#f3f3f3;padding:4px 10px;margin-bottom:1em}"
+    ".up{color:#060}.down{color:#a00}"
+    "img.strip{image-rendering:pixelated;height:48px;vertical-align:middle}img.sheet{image-rendering:pixelated;max-width:100%}"
+    "img.chart{max-width:100%}div.row{display:flex;flex-wrap:wrap;gap:2em;align-items:flex-start}"
     "</style>"
 )
 
 
-def _html(title: str, body: str) -> str:
+def html_page(title: str, body: str) -> str:
+    """A whole UTF-8 page with the reports' style sheet around ``body`` (HTML)."""
     return (
-        f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
         f"{_STYLE}</head><body>\n{body}\n</body></html>\n"
     )
+
+
+def settings_table(settings: Mapping[str, Any], *, caption: str | None = None) -> str:
+    """A two-column HTML table of ``settings``: nested mappings as dotted keys, lists joined, None as –."""
+    rows = "".join(f'<tr><th scope="row">{html.escape(k)}</th><td>{_setting(v)}</td></tr>'
+                   for k, v in _flatten(settings))
+    head = f"<caption>{html.escape(caption)}</caption>" if caption else ""
+    return f'<table class="settings">{head}{rows}</table>'
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    rows: list[tuple[str, Any]] = []
+    for key, value in tree.items():
+        if isinstance(value, Mapping) and value:
+            rows += _flatten(value, f"{prefix}{key}.")
+        else:
+            rows.append((f"{prefix}{key}", value))
+    return rows
+
+
+SHORT_TEXT = 16  # longer values without spaces (hashes, paths) are cut, the whole value in a tooltip
+
+
+def _setting(value: Any) -> str:
+    if value is None or (isinstance(value, Mapping) and not value):
+        return "–"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (list, tuple)):
+        return html.escape(", ".join(map(str, value))) or "–"
+    text = str(value)
+    if len(text) > SHORT_TEXT and " " not in text:
+        return f'<span title="{html.escape(text)}">{html.escape(text[:SHORT_TEXT])}…</span>'
+    return html.escape(text)
+
+
+def _links_nav(links: Sequence[tuple[str, str]]) -> str:
+    """The block of links at the top of index.html that :func:`set_links` rewrites."""
+    items = " · ".join(f'<a href="{html.escape(href)}">{html.escape(text)}</a>' for text, href in links)
+    return f'<nav id="reports">{items}</nav>' if items else '<nav id="reports" hidden></nav>'
+
+
+_NAV = re.compile(r'<nav id="reports"[^>]*>.*?</nav>', re.S)
+
+
+def set_links(index: str | os.PathLike[str], links: Sequence[tuple[str, str]]) -> None:
+    """Rewrite the links at the top of an existing report's index.html (atomically).
+
+    For pages written after the report (an evaluation report), so the index lists them without
+    being rebuilt.
+    """
+    path = Path(index)
+    page = path.read_text(encoding="utf-8")
+    nav = _links_nav(links)
+    page = _NAV.sub(lambda _: nav, page, count=1) if _NAV.search(page) else page.replace("</h1>", "</h1>\n" + nav, 1)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(page)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _fmt(value: float | None) -> str:
@@ -342,11 +427,16 @@ def _fmt(value: float | None) -> str:
 
 
 def _index_page(
-    names: list[str], sets: list[np.ndarray], stats: dict[str, Any], method: Mapping[str, Any] | None
+    names: list[str],
+    sets: list[np.ndarray],
+    stats: dict[str, Any],
+    method: Mapping[str, Any] | None,
+    links: Sequence[tuple[str, str]] = (),
 ) -> str:
-    parts = [f"<h1>Specialist class sets: {len(sets)} sets over {stats['num_classes']} classes</h1>"]
+    parts = [f"<h1>Specialist class sets: {len(sets)} sets over {stats['num_classes']} classes</h1>",
+             _links_nav(links)]
     if method is not None:
-        parts.append(f"<h2>Method</h2><pre>{html.escape(json.dumps(dict(method), indent=1))}</pre>")
+        parts.append(f"<h2>Method</h2>{settings_table(method)}")
     figures = [
         ("set sizes", f"{stats['set_size_min']}–{stats['set_size_max']} (mean {stats['set_size_mean']:.1f})"),
         ("classes in no set", str(stats["uncovered_classes"])),
@@ -373,7 +463,7 @@ def _index_page(
             f"<td>{_fmt(entry['within_set_mass'])}</td>{errors}<td>{first}</td></tr>"
         )
     parts.append("</table>")
-    return _html("Specialist class sets", "\n".join(parts))
+    return html_page("Specialist class sets", "\n".join(parts))
 
 
 def _specialist_page(
@@ -385,7 +475,7 @@ def _specialist_page(
     confusion_png: str | None,
     num_sets: int,
     *,
-    sheet_png: str | None = None,
+    sheet_png: tuple[str, int] | None = None,
     pairs: Sequence[tuple[int, int, int]] = (),
 ) -> str:
     nav = ['<p><a href="index.html">index</a>']
@@ -402,8 +492,9 @@ def _specialist_page(
         )
     parts.append("</p>")
     if sheet_png is not None:
-        parts.append(f'<h2>One example of each class, in table order</h2><img class="sheet" src="{sheet_png}" '
-                     'alt="examples of every class">')
+        path, width = sheet_png
+        parts.append(f'<h2>One example of each class, in table order</h2><img class="sheet" src="{path}" '
+                     f'style="width:{width}px" alt="examples of every class">')
     if pairs:
         parts.append("<h2>Most confused pairs within the set (val)</h2><table>"
                      "<tr><th>true</th><th>predicted</th><th>count</th><th>true examples</th>"
@@ -422,7 +513,14 @@ def _specialist_page(
         strip = f'<img class="strip" src="{strips[i]}" alt="">' if i in strips else ""
         parts.append(f"<tr><td>{i}</td><td>{html.escape(names[i])}</td><td>{strip}</td></tr>")
     parts.append("</table>")
-    return _html(f"Specialist {m}", "\n".join(parts))
+    return html_page(f"Specialist {m}", "\n".join(parts))
+
+
+def _carry(old: Path, new: Path, names: Sequence[str]) -> None:
+    """Copy the entries ``names`` of directory ``old`` (when there) into ``new`` (``old`` is replaced next)."""
+    for name in names:
+        if (old / name).exists() and not (new / name).exists():
+            shutil.copytree(old / name, new / name) if (old / name).is_dir() else shutil.copy2(old / name, new / name)
 
 
 def _replace_dir(new: Path, out: Path) -> None:

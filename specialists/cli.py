@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import json
 import logging
 import os
 import sys
@@ -35,6 +36,9 @@ def add_config_args(p: argparse.ArgumentParser, *, required: bool = True) -> Non
     p.add_argument("--config", required=required, help="run config YAML (e.g. configs/fashion-mnist.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one config value (repeatable), e.g. --set generalist.epochs=2")
+    p.add_argument("--log-with", metavar="TRACKER[,TRACKER]",
+                   help="experiment trackers for accelerate to log to (tensorboard, wandb, mlflow, …, all); "
+                        "the same as --set tracking.log_with=[…]; files under <run_dir>/tracking/")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,9 +61,17 @@ def _execute(args: argparse.Namespace) -> int:
     module = args.module
     if not args.uses_config:
         return module.command(None, args)
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, [*args.overrides, *_log_with_override(args.log_with)])
     with _run_dir_lock(cfg.run_dir, module.NAME):
         return module.command(cfg, args)
+
+
+def _log_with_override(log_with: str | None) -> list[str]:
+    """``--log-with tensorboard,wandb`` → the ``--set`` it stands for."""
+    if log_with is None:
+        return []
+    names = [n.strip() for n in log_with.split(",") if n.strip()]
+    return [f"tracking.log_with={json.dumps(names)}"]
 
 
 def _run_dir_lock(run_dir: str, command: str) -> contextlib.AbstractContextManager:

@@ -172,6 +172,14 @@ class DistillConfig:
 
 
 @dataclass(frozen=True)
+class TrackingConfig:
+    """Experiment trackers (plumbing: they decide no result). ``--log-with tensorboard`` sets log_with."""
+
+    log_with: tuple[str, ...] = ()  # accelerate trackers: tensorboard, wandb, mlflow, …, or all (installed ones)
+    every: int = 50  # optimiser steps between logged training points (loss, lr, images/s)
+
+
+@dataclass(frozen=True)
 class RunConfig:
     name: str = "run"  # shown in reports and logs
     run_dir: str = "runs/run"
@@ -183,6 +191,7 @@ class RunConfig:
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     control: ControlConfig = field(default_factory=ControlConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(self)
@@ -360,6 +369,7 @@ def _check_values(cfg: RunConfig, label: str) -> None:
         "inference.max_iter": cfg.inference.max_iter,
         "distill.epochs": cfg.distill.epochs,
         "distill.cache_top_k": cfg.distill.cache_top_k,
+        "tracking.every": cfg.tracking.every,
     }
     for key, value in positive.items():
         if value < 1:

@@ -19,6 +19,7 @@ from .artifacts.shard_index import ShardIndex
 from .config import RunConfig
 from .errors import UserError
 from .layout import RunLayout
+from .tracking import check_trackers
 from .train.precision import resolve_mixed_precision
 
 log = logging.getLogger(__name__)
@@ -52,16 +53,21 @@ def on_cpu() -> bool:
 
 
 def make_accelerator(cfg: RunConfig, *, grad_accum_steps: int = 1) -> Accelerator:
-    """An accelerator with the run's mixed precision (one rule for every stage).
+    """An accelerator with the run's mixed precision (one rule for every stage) and trackers.
 
     On a machine without a GPU it uses gloo, so ``accelerate launch --multi_gpu --num_processes N``
     forms one group of N CPU processes; a stage launched as several processes that still did not
-    form one group stops instead of doing the work N times.
+    form one group stops instead of doing the work N times. The trackers of ``tracking.log_with``
+    write under the run's ``tracking/`` folder; a stage starts its tracker run with
+    :func:`specialists.tracking.tracked`.
     """
     cpu = on_cpu()
     precision = resolve_mixed_precision(cfg.generalist.mixed_precision, "cpu" if cpu else "cuda")
+    log_with = check_trackers(cfg.tracking.log_with)
+    tracking = {"log_with": log_with, "project_dir": str(RunLayout(cfg.run_dir).tracking)} if log_with else {}
     try:
-        accelerator = Accelerator(mixed_precision=precision, cpu=cpu, gradient_accumulation_steps=grad_accum_steps)
+        accelerator = Accelerator(mixed_precision=precision, cpu=cpu, gradient_accumulation_steps=grad_accum_steps,
+                                  **tracking)
     except ValueError as exc:  # accelerate's refusal of an incomplete launch environment
         raise UserError(f"cannot form the process group of this launch: {str(exc).splitlines()[0]}") from None
     check_process_group(int(os.environ.get("WORLD_SIZE", "1") or 1), accelerator.num_processes)

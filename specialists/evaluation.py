@@ -25,7 +25,8 @@ The figures (``metrics-<split>.json``, written by :mod:`specialists.artifacts.me
                                                   correct, change_correct, relative_change}]}}
       control:    (with inference.control and a trained control) the same keys as ensemble
     specialists: [{id, classes, num_examples, specialist_correct, specialist_accuracy,
-                   generalist_correct, generalist_accuracy}]
+                   generalist_correct, generalist_accuracy,
+                   routed, routed_generalist_correct, routed_correct, routed_change_correct}]
 
 * top1 = correct / num_examples, over all C classes.
 * conditional: examples whose true class is in some specialist's set, prediction = argmax
@@ -36,6 +37,9 @@ The figures (``metrics-<split>.json``, written by :mod:`specialists.artifacts.me
   binomial test of c successes in b + c trials at ½ (1.0 when b + c = 0).
 * specialists: the split's images of each specialist's classes; the specialist alone (argmax over its
   classes, dustbin excluded) and the generalist restricted to the same classes.
+* routed*: the images the ensemble ran the specialist on (whatever their class), and how many of
+  them the generalist and the ensemble got right (change = ensemble − generalist; an image routed
+  to several specialists counts for each).
 """
 
 from __future__ import annotations
@@ -73,6 +77,7 @@ class Records:
     columns: dict[str, np.ndarray]
     specialist_counts: np.ndarray
     names: list[str]  # engine names, in order
+    routed: np.ndarray | None = None  # (N, M) bool: the specialists the main engine ran on each example
     seconds: dict[str, float] = field(default_factory=dict)  # wall time of each predictor (and "generalist") per image
 
     @property
@@ -101,7 +106,7 @@ def evaluate_engines(engines: dict[str, EnsembleEngine], batches, *, data_cfg: D
     timers = Timers([BASELINE, *names], device)
     rows = []
     bar = progress(batches, main_process=accelerator.is_main_process, total=len(batches), desc=desc,
-                   unit="batch", leave=False)
+                   unit="batch", leave=False, count_images=lambda batch: int(batch[2].sum()))
     for images, labels, valid in bar:
         x = normalize(images.to(device, non_blocking=True), data_cfg)
         labels, valid = labels.to(device), valid.to(device)
@@ -117,8 +122,9 @@ def evaluate_engines(engines: dict[str, EnsembleEngine], batches, *, data_cfg: D
             if n == main:
                 p_general = pred.p_general  # (B, C)
                 cols += [pred.general_top1, union[p_general[:, union].argmax(1)]]
+                routed = pred.active.long()  # (B, M)
             cols += [pred.top1, union[pred.q[:, union].argmax(1)], pred.active.sum(1)]
-        rows.append(torch.stack([*cols, valid.long()], dim=1))  # (B, 4 + 3E + 1)
+        rows.append(torch.cat([torch.stack(cols, dim=1), routed, valid.long()[:, None]], dim=1))  # (B, 4+3E+M+1)
         for m, s in enumerate(sets):
             mask = valid & torch.isin(labels, s)
             if not mask.any():
@@ -126,14 +132,16 @@ def evaluate_engines(engines: dict[str, EnsembleEngine], batches, *, data_cfg: D
             spec = s[ref.specialist_probs(m, x[mask])[:, :-1].argmax(1)]  # dustbin excluded
             gen = s[p_general[mask][:, s].argmax(1)]
             counts[m] += torch.stack([mask.sum(), (spec == labels[mask]).sum(), (gen == labels[mask]).sum()])
-    local = torch.cat(rows) if rows else torch.zeros((0, 5 + 3 * len(names)), dtype=torch.long, device=device)
+    width = 5 + 3 * len(names) + len(sets)
+    local = torch.cat(rows) if rows else torch.zeros((0, width), dtype=torch.long, device=device)
     gathered = accelerator.gather_for_metrics(local)
     gathered = gathered[gathered[:, -1] > 0, :-1].cpu().numpy()
     counts = accelerator.reduce(counts, reduction="sum").cpu().numpy()
     keys = ["label", "covering", f"{BASELINE}.pred", f"{BASELINE}.union_pred"]
     for n in names:
         keys += [f"{n}.pred", f"{n}.union_pred", f"{n}.active"]
-    return Records({k: gathered[:, i] for i, k in enumerate(keys)}, counts, names, timers.per_image(accelerator))
+    return Records({k: gathered[:, i] for i, k in enumerate(keys)}, counts, names,
+                   routed=gathered[:, len(keys):] > 0, seconds=timers.per_image(accelerator))
 
 
 class Timers:
@@ -231,12 +239,23 @@ def compute_metrics(records: Records, sets: list[list[int]], *, ids: list[int] |
         specialists.append({"id": m, "classes": list(s), "num_examples": num, "specialist_correct": spec_ok,
                             "specialist_accuracy": _ratio(spec_ok, num), "generalist_correct": gen_ok,
                             "generalist_accuracy": _ratio(gen_ok, num)})
+    if records.routed is not None and records.names:
+        main_ok = col[f"{records.names[0]}.pred"] == label
+        for entry, routed in zip(specialists, records.routed.T, strict=True):
+            entry.update(_routed_figures(routed, g_ok, main_ok))
     cost = {name: {"forward_passes_per_image": 1.0 if name == BASELINE or name.startswith("student:")
                    else 1.0 + (predictors[name]["mean_active_specialists"] or 0.0),
                    "ms_per_image": None if records.seconds.get(name) is None else 1000 * records.seconds[name]}
             for name in [BASELINE, *records.names]}
     return {"conditional_subset": {"num_examples": int(covered.sum()), "union_classes": len(union)},
             "predictors": predictors, "specialists": specialists, "cost": cost}
+
+
+def _routed_figures(routed: np.ndarray, g_ok: np.ndarray, ok: np.ndarray) -> dict[str, int]:
+    """Images routed to one specialist, and the generalist's and the ensemble's hits among them."""
+    g, e = int(g_ok[routed].sum()), int(ok[routed].sum())
+    return {"routed": int(routed.sum()), "routed_generalist_correct": g, "routed_correct": e,
+            "routed_change_correct": e - g}
 
 
 # --------------------------------------------------------------------------------- the tables

@@ -139,6 +139,34 @@ class RunLayout:
     def metrics(self, split: str) -> Path:
         return self.root / f"metrics-{split}.json"
 
+    def evaluated_splits(self) -> list[str]:
+        """Splits with both metrics and per-example predictions (what an evaluation report needs)."""
+        found = sorted(p.stem.removeprefix("metrics-") for p in self.root.glob("metrics-*.json"))
+        return [split for split in found if self.predictions(split).is_file()]
+
+    def predictions(self, split: str) -> Path:
+        """Per-example labels and predictions of every predictor on ``split`` (beside its metrics)."""
+        return self.root / f"predictions-{split}.npz"
+
+    def evaluation_report(self, split: str) -> Path:
+        """The evaluation report's page for ``split``, beside the clustering report's index."""
+        return self.report_dir / f"evaluation-{split}.html"
+
+    def evaluation_assets(self, split: str) -> Path:
+        """The images of the evaluation report for ``split`` (charts, example strips)."""
+        return self.report_dir / f"evaluation-{split}"
+
+    def evaluation_reports(self) -> dict[str, Path]:
+        """Split → page of every evaluation report written so far, sorted by split."""
+        pages = sorted(self.report_dir.glob("evaluation-*.html")) if self.report_dir.is_dir() else []
+        return {p.stem.removeprefix("evaluation-"): p for p in pages}
+
+    # --- experiment trackers (``log_with``)
+    @property
+    def tracking(self) -> Path:
+        """Trackers' files (e.g. TensorBoard event files), one folder per stage inside."""
+        return self.root / "tracking"
+
     def files(self) -> dict[str, Path]:
         """Name → path of the run's fixed files (what ``specialists paths`` prints)."""
         return {
@@ -148,6 +176,9 @@ class RunLayout:
             "confusion": self.confusion, "report": self.report_index, "specialists": self.specialists_dir,
             "control": self.control.weights, "students": self.students_dir,
             "metrics_test": self.metrics("test"), "metrics_val": self.metrics("val"),
+            "predictions_test": self.predictions("test"), "predictions_val": self.predictions("val"),
+            "evaluation_report_test": self.evaluation_report("test"),
+            "evaluation_report_val": self.evaluation_report("val"), "tracking": self.tracking,
             "stage_times": self.stage_times, "stage_memory": self.stage_memory,
         }
 

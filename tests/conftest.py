@@ -71,3 +71,20 @@ def write_clusters(run_dir: Path, class_names: list[str], sets: list[list[int]])
                                      "specialists": [{"id": m, "classes": s} for m, s in enumerate(sets)],
                                      "method": {"hand-made": True}}))
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """A whole tiny run (`specialists run`, with the control) tracked with TensorBoard; returns run_dir.
+
+    Its reports (clustering and evaluation on test) and tracker files are what the report and
+    tracking tests read.
+    """
+    from specialists.cli import main
+
+    root = tmp_path_factory.mktemp("tinyrun")
+    code = main(["run", "--config", str(ROOT / "configs/tiny.yaml"), "--set", f"data.shards={root / 'data'}",
+                 "--set", f"run_dir={root / 'run'}", "--set", "inference.control=true", "--set", "tracking.every=5",
+                 "--log-with", "tensorboard"])
+    assert code == 0, "the tiny run failed (tensorboard is in the dev extra: pip install -e .[dev])"
+    return root / "run"

@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,7 @@ from specialists.artifacts.model_card import (
     read_card,
     save_model,
 )
+from specialists.artifacts.predictions import read_predictions
 from specialists.config import load_config
 from specialists.data import ShardIndex, eval_batches, load_split, normalize
 from specialists.ensemble import load_ensemble
@@ -130,6 +132,20 @@ def test_evaluate_numbers_recomputed(tiny_shards, run, cli):
         assert s["classes"] == spec and s["num_examples"] == mask.sum() == 8 * len(spec)
         assert s["specialist_correct"] == (alone == y[mask]).sum()
         assert s["generalist_correct"] == (gen_s == y[mask]).sum()
+    # the per-example answers saved beside the metrics, and each specialist's routed images
+    saved = read_predictions(RunLayout(run).predictions("test"))
+    active = pred.active.numpy()
+    routed_saved = [tuple(saved.routed_ids[a:b]) for a, b in zip(saved.routed_indptr[:-1], saved.routed_indptr[1:],
+                                                                  strict=True)]
+    assert Counter(zip(saved.label, saved.predicted["generalist"], saved.predicted["ensemble"], routed_saved,
+                       strict=True)) == Counter(zip(y, gen, ens, [tuple(np.flatnonzero(a)) for a in active],
+                                                    strict=True))
+    for m, s in enumerate(metrics["specialists"]):
+        routed = active[:, m]
+        assert s["routed"] == routed.sum() > 0
+        assert (s["routed_generalist_correct"], s["routed_correct"]) == ((gen == y)[routed].sum(), (ens == y)[routed].sum())
+        assert s["routed_change_correct"] == s["routed_correct"] - s["routed_generalist_correct"]
+    assert f"evaluation report: {RunLayout(run).evaluation_report('test').resolve()}" in out
     # the printed tables carry the same numbers
     top1_line = next(line for line in out.splitlines() if line.strip().startswith("ensemble"))
     assert top1_line.split()[:4] == ["ensemble", str(e["correct"]), f"{100 * e['top1']:.2f}%", f"{c - b:+d}"]

@@ -74,7 +74,19 @@ def write_run_report(run_dir: str | Path) -> Path:
     quality = {k: round(v, 4) if isinstance(v, float) else v for k, v in (clusters.quality or {}).items()}
     method = {**clusters.method, "quality": quality}
     return write_report(layout.report_dir, cov=cov, class_names=clusters.class_names, class_sets=clusters.sets,
-                        examples=examples, confusion=confusion, method=method)
+                        examples=examples, confusion=confusion, method=method, links=evaluation_links(layout),
+                        keep=evaluation_files(layout))
+
+
+def evaluation_links(layout: RunLayout) -> list[tuple[str, str]]:
+    """(text, href) of the run's evaluation reports, for the top of the clustering report's index."""
+    return [(f"Evaluation on the {split} split", page.name) for split, page in layout.evaluation_reports().items()]
+
+
+def evaluation_files(layout: RunLayout) -> list[str]:
+    """Names (in the report folder) of the evaluation reports' files: kept when the clustering report is rewritten."""
+    return [name for split in layout.evaluation_reports()
+            for name in (layout.evaluation_report(split).name, layout.evaluation_assets(split).name)]
 
 
 def read_examples(index: ShardIndex, classes: Sequence[int], *, per_class: int, size: int,

@@ -166,7 +166,8 @@ def accumulate(model: torch.nn.Module, batches, acc: CovarianceAccumulator, acce
     split = cfg.clustering.split
     rows = []
     bar = progress(batches, main_process=accelerator.is_main_process, total=len(batches),
-                   desc=f"generalist on {split}", unit="batch", leave=False)
+                   desc=f"generalist on {split}", unit="batch", leave=False,
+                   count_images=lambda batch: int(batch[2].sum()))
     for b, (images, labels, valid) in enumerate(bar):
         images = normalize(images.to(accelerator.device, non_blocking=True), cfg.data)
         if cfg.generalist.channels_last:

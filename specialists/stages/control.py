@@ -35,6 +35,7 @@ from ..context import (
 from ..data.pipeline import normalize, train_batches
 from ..errors import UserError
 from ..layout import RunLayout
+from ..tracking import tracked
 from ..train import Checkpointer, EpochSource, TrainLoop, build_optimizer, warmup_cosine
 
 log = logging.getLogger(__name__)
@@ -99,7 +100,8 @@ def run(cfg: RunConfig, *, force: bool = False) -> Path:
     accelerator = make_accelerator(cfg)
     paths = RunLayout(cfg.run_dir).control
     if accelerator.is_main_process:
-        _train(cfg, accelerator, force=force)
+        with tracked(accelerator, cfg, NAME):
+            _train(cfg, accelerator, force=force)
     accelerator.wait_for_everyone()
     return paths.weights
 
@@ -116,7 +118,7 @@ def _train(cfg: RunConfig, accelerator, *, force: bool) -> None:
     scheduler = warmup_cosine(optimizer, scfg.warmup_steps, steps)
     checkpoints = Checkpointer(paths.checkpoints, deciding={**decided, "precision": accelerator.mixed_precision})
     loop = TrainLoop(accelerator, model, optimizer, scheduler, checkpointer=checkpoints, ddp=False,
-                     checkpoint_every=scfg.checkpoint_every, desc="control")
+                     checkpoint_every=scfg.checkpoint_every, desc="control", track_every=cfg.tracking.every)
     loop.start(force=force)
     source = EpochSource(lambda e: train_batches(index, cfg.data, epoch=e, seed=cfg.seed + SEED_OFFSET))
     start = time.perf_counter()

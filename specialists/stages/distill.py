@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from ..artifacts.clusters import load_clusters
@@ -58,6 +59,7 @@ from ..errors import DataError, UserError
 from ..io import atomic_write_text
 from ..layout import RunLayout
 from ..models.registry import arch_options, create_model
+from ..tracking import tracked
 from ..train import Checkpointer, EpochSource, TrainLoop, build_optimizer, warmup_cosine
 from ..train.epochs import EpochLog, count_steps, ranks_in_sync
 from ..train.losses import distillation_loss
@@ -147,12 +149,17 @@ def _student(cfg: RunConfig, index: ShardIndex, gcard: ModelCard, device: torch.
 
 def run(cfg: RunConfig, *, force: bool = False) -> Path:
     """Train (or resume) the student; returns its weights' path."""
+    accelerator = make_accelerator(cfg)
+    with tracked(accelerator, cfg, NAME):
+        return _train(cfg, accelerator, force=force)
+
+
+def _train(cfg: RunConfig, accelerator: Accelerator, *, force: bool) -> Path:
     dcfg = cfg.distill
     name = student_name(cfg)
     paths = RunLayout(cfg.run_dir).student(name)
     index = open_shards(cfg)
     gcard = generalist_card(cfg, index)
-    accelerator = make_accelerator(cfg)
     rank, world = accelerator.process_index, accelerator.num_processes
     decided = deciding(cfg, index, gcard)
     teacher = _teacher(cfg, index, accelerator.device)

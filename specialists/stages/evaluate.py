@@ -3,7 +3,9 @@
 
 Prints plain-text tables and writes the run's ``metrics-<split>.json`` (see
 :mod:`specialists.evaluation` for its figures), recording per specialist the dustbin correction
-the engine applied.
+the engine applied, every predictor's answers per example (``predictions-<split>.npz``) and the
+evaluation report (``report/evaluation-<split>.html``); the tables' numbers also go to the
+experiment trackers (``tracking.log_with``).
 """
 
 from __future__ import annotations
@@ -13,13 +15,16 @@ import logging
 from typing import Any
 
 from ..artifacts.metrics import write_metrics
+from ..artifacts.predictions import write_predictions
 from ..config import RunConfig
 from ..context import make_accelerator, open_shards
 from ..data.pipeline import eval_batches
 from ..ensemble import LoadedEnsemble, load_control_engine, load_ensemble, load_students
 from ..errors import UserError
-from ..evaluation import BASELINE, compute_metrics, evaluate_engines, format_tables
+from ..evaluation import BASELINE, Records, compute_metrics, evaluate_engines, format_tables
 from ..layout import RunLayout
+from ..reports.evaluation import write_evaluation_report
+from ..tracking import log_values, numeric_leaves, tracked
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +33,8 @@ HELP = "generalist vs ensemble on the test split (works under accelerate launch)
 DESCRIPTION = ("Top-1 of the generalist and of the ensemble (routing inference.top_n, solver inference.solver), "
                "the conditional accuracy on classes covered by specialists (paper's table 3), the change by number "
                "of covering specialists (table 4), McNemar's exact test and each specialist alone. Prints tables "
-               "and writes <run_dir>/metrics-<split>.json.")
+               "and writes <run_dir>/metrics-<split>.json, predictions-<split>.npz and the evaluation report "
+               "report/evaluation-<split>.html.")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -48,7 +54,11 @@ def command(cfg: RunConfig, args: argparse.Namespace) -> int:
 
 
 def describe(metrics: dict[str, Any]) -> str:
-    return f"{format_tables(metrics)}\n\nmetrics written to {RunLayout(metrics['run_dir']).metrics(metrics['split'])}"
+    layout, split = RunLayout(metrics["run_dir"]), metrics["split"]
+    text = f"{format_tables(metrics)}\n\nmetrics written to {layout.metrics(split)}"
+    if layout.evaluation_report(split).is_file():
+        text += f"\nevaluation report: {layout.evaluation_report(split).resolve()}"
+    return text
 
 
 def applied_corrections(loaded: LoadedEnsemble) -> list[dict[str, Any]]:
@@ -99,5 +109,26 @@ def run(cfg: RunConfig, *, split: str = "test") -> dict[str, Any] | None:
         }
         write_metrics(RunLayout(cfg.run_dir).metrics(split), metrics)
         log.info("metrics written to %s", RunLayout(cfg.run_dir).metrics(split))
+        write_records(cfg, split, records, loaded)
+        with tracked(accelerator, cfg, f"{NAME}-{split}"):
+            log_values(accelerator, tracked_figures(metrics), step=0)
+        write_evaluation_report(cfg.run_dir, split, cfg=cfg)
     accelerator.wait_for_everyone()
     return metrics
+
+
+def write_records(cfg: RunConfig, split: str, records: Records, loaded: LoadedEnsemble) -> None:
+    """Every predictor's answer per example (``predictions-<split>.npz``), for the evaluation report."""
+    col = records.columns
+    predicted = {k.removesuffix(".pred"): v for k, v in col.items() if k.endswith(".pred")}  # every predictor
+    write_predictions(RunLayout(cfg.run_dir).predictions(split), split=split, num_classes=loaded.num_classes,
+                      label=col["label"], predicted=predicted, covering=col["covering"], specialist_ids=loaded.ids,
+                      routed=records.routed)
+
+
+def tracked_figures(metrics: dict[str, Any]) -> dict[str, float]:
+    """The numbers of the evaluation's tables, for the experiment trackers (specialists by id)."""
+    return {**numeric_leaves(metrics["predictors"], "predictors"),
+            **numeric_leaves(metrics["conditional_subset"], "conditional_subset"),
+            **{k: v for s in metrics["specialists"] for k, v in numeric_leaves(s, f"specialists/{s['id']:03d}").items()
+               if not k.endswith("/id")}}

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from ..artifacts.deciding import check_same
@@ -24,6 +25,7 @@ from ..data.pipeline import eval_batches, train_batches
 from ..io import atomic_write_text
 from ..layout import RunLayout
 from ..models.registry import arch_options, create_model
+from ..tracking import tracked
 from ..train import Checkpointer, EpochSource, TrainLoop, build_optimizer, warmup_cosine
 from ..train.epochs import EpochLog, count_steps, ranks_in_sync
 
@@ -73,10 +75,15 @@ def command(cfg: RunConfig, args: argparse.Namespace) -> int:
 
 def run(cfg: RunConfig, *, resume: bool = True, force: bool = False) -> Path:
     """Train (or resume) the generalist; returns the final weights' path."""
+    index = open_shards(cfg)
+    accelerator = make_accelerator(cfg, grad_accum_steps=cfg.generalist.grad_accum_steps)
+    with tracked(accelerator, cfg, NAME):
+        return _train(cfg, index, accelerator, resume=resume, force=force)
+
+
+def _train(cfg: RunConfig, index: ShardIndex, accelerator: Accelerator, *, resume: bool, force: bool) -> Path:
     gcfg = cfg.generalist
     paths = RunLayout(cfg.run_dir).generalist
-    index = open_shards(cfg)
-    accelerator = make_accelerator(cfg, grad_accum_steps=gcfg.grad_accum_steps)
     rank, world = accelerator.process_index, accelerator.num_processes
     set_seed(cfg.seed)
     arch_kwargs = arch_options(gcfg.arch, gcfg)
@@ -98,7 +105,7 @@ def run(cfg: RunConfig, *, resume: bool = True, force: bool = False) -> Path:
                                          "precision": accelerator.mixed_precision})
     loop = TrainLoop(accelerator, model, optimizer, scheduler, checkpointer=checkpoints, ddp=True,
                      checkpoint_every=gcfg.checkpoint_every, channels_last=gcfg.channels_last, desc="generalist",
-                     show_progress=accelerator.is_main_process)
+                     show_progress=accelerator.is_main_process, track_every=cfg.tracking.every)
     loop.start(resume=resume, force=force)
     if accelerator.is_main_process:
         atomic_write_text(paths.config, config_to_yaml(cfg))
@@ -114,7 +121,7 @@ def run(cfg: RunConfig, *, resume: bool = True, force: bool = False) -> Path:
         return loss, len(labels), (logits.detach().argmax(1) == labels).sum()
 
     epoch_log = EpochLog(accelerator, eval_batches(index, cfg.data, "val", rank=rank, world_size=world), cfg.data,
-                         paths.train_log, channels_last=gcfg.channels_last)
+                         paths.train_log, channels_last=gcfg.channels_last, track_as="generalist")
     loop.fit(EpochSource(epoch, gcfg.epochs), loss_fn, sum(steps), on_epoch_end=epoch_log)
     in_sync = ranks_in_sync(accelerator, loop.unwrapped)
     if accelerator.is_main_process:

@@ -50,6 +50,7 @@ from ..data.pipeline import load_split, normalize
 from ..errors import UserError
 from ..layout import RunLayout
 from ..models.surgery import collapse_logits, make_specialist, map_labels, penultimate_features
+from ..tracking import log_values, tracked
 from ..train import Checkpointer, StreamSource, TrainLoop, build_optimizer, warmup_cosine
 from ..train.losses import specialist_loss
 
@@ -209,14 +210,15 @@ def train_one(ctx: Context, m: int, classes: list[int], *, force: bool = False) 
     checkpoints = Checkpointer(paths.checkpoints, deciding={**decided, "precision": ctx.accelerator.mixed_precision})
     loop = TrainLoop(ctx.accelerator, model, optimizer, scheduler, checkpointer=checkpoints, ddp=False,
                      checkpoint_every=scfg.checkpoint_every, desc=f"specialist {m}",
-                     show_progress=ctx.accelerator.is_local_main_process)
+                     show_progress=ctx.accelerator.is_local_main_process, track_as=tracker_name(m),
+                     track_every=cfg.tracking.every)
     loop.start(force=force)
     # The stream is seeded by (seed, m) alone: a resumed specialist replays it and skips what it used.
     stream = EnrichedStream(ctx.index, cfg.data, classes, special_fraction=scfg.special_fraction,
                             batch_size=cfg.data.batch_size, seed=hash((cfg.seed, m, 0)) % 2**31)
     source = StreamSource(lambda: enriched_batches(stream, cfg.data.num_workers, seed=cfg.seed + m))
     start = time.perf_counter()
-    loop.fit(source, _loss(ctx, classes), scfg.steps, on_step=_keep_best(ctx, classes))
+    loop.fit(source, _loss(ctx, classes), scfg.steps, on_step=_keep_best(ctx, m, classes))
     card = _card(ctx, m, classes, loop, decided, {
         "samples_read": stream.stats.read if cfg.data.num_workers == 0 else None,
         "trained_by_rank": ctx.accelerator.process_index, "world_size": ctx.accelerator.num_processes,
@@ -252,9 +254,14 @@ def _loss(ctx: Context, classes: list[int]):
     return loss_fn
 
 
-def _keep_best(ctx: Context, classes: list[int]):
-    """The ``on_step`` hook: every ``eval_every`` steps (and at the last), the val conditional accuracy;
-    the weights of the best so far are kept (in the checkpoints too)."""
+def tracker_name(m: int) -> str:
+    """Specialist ``m``'s prefix in the experiment trackers (sorted by id)."""
+    return f"specialist-{m:03d}"
+
+
+def _keep_best(ctx: Context, m: int, classes: list[int]):
+    """The ``on_step`` hook: every ``eval_every`` steps (and at the last), the val conditional accuracy
+    (also to the trackers); the weights of the best so far are kept (in the checkpoints too)."""
     scfg = ctx.cfg.specialists
     val_mask = torch.isin(ctx.val_labels, torch.tensor(classes))
 
@@ -266,6 +273,7 @@ def _keep_best(ctx: Context, classes: list[int]):
         acc = conditional_accuracy(run_batches(loop.model, ctx.val_images[val_mask], ctx), ctx.val_labels[val_mask],
                                    classes, full_head=scfg.head == "full")
         st.log.setdefault("history", []).append([st.step, acc])
+        log_values(ctx.accelerator, {f"{tracker_name(m)}/val/conditional_accuracy": acc}, step=st.step)
         if acc > st.log.get("best_acc", -1.0):
             st.log["best_acc"] = acc
             loop.extra_weights["best"] = {k: v.detach().clone() for k, v in loop.unwrapped.state_dict().items()}
@@ -324,8 +332,13 @@ def refit_dustbin(ctx: Context, m: int, classes: list[int]) -> Path:
 def run(cfg: RunConfig, *, only: list[int] | None = None, force: bool = False, refit: bool = False) -> list[Path]:
     """Train every specialist of ``clusters.json`` (or ``only`` those ids) not trained yet; with
     ``refit``, only refit the dustbin corrections of finished ones."""
-    layout = RunLayout(cfg.run_dir)
     accelerator = make_accelerator(cfg)
+    with tracked(accelerator, cfg, NAME):
+        return _run(cfg, accelerator, only=only, force=force, refit=refit)
+
+
+def _run(cfg: RunConfig, accelerator: Accelerator, *, only: list[int] | None, force: bool, refit: bool) -> list[Path]:
+    layout = RunLayout(cfg.run_dir)
     rank, world = accelerator.process_index, accelerator.num_processes
     ctx = build_context(cfg, accelerator)
     clusters = load_clusters(layout.clusters, ctx.index.class_names)

@@ -14,6 +14,7 @@ from accelerate import Accelerator
 from ..config import DataConfig
 from ..data.pipeline import Batches
 from ..errors import DataError
+from ..tracking import log_values
 from .evaluate import evaluate
 from .log import write_jsonl
 from .loop import TrainLoop
@@ -33,12 +34,13 @@ def count_steps(make_epoch: Callable[[int], Sized], num_epochs: int, grad_accum_
 
 class EpochLog:
     """The ``on_epoch_end`` hook: validate (exact over processes), keep the record in the loop's
-    state (so a resumed run logs each epoch once) and rewrite ``metrics.jsonl`` from it."""
+    state (so a resumed run logs each epoch once), rewrite ``metrics.jsonl`` from it and log the
+    record to the experiment trackers as ``<track_as>/epoch/<key>`` at the optimiser step."""
 
     def __init__(self, accelerator: Accelerator, val: Batches, data_cfg: DataConfig, path: Path, *,
-                 channels_last: bool = False, name: str = "epoch") -> None:
+                 channels_last: bool = False, name: str = "epoch", track_as: str | None = None) -> None:
         self.accelerator, self.val, self.data_cfg, self.path = accelerator, val, data_cfg, path
-        self.channels_last, self.name = channels_last, name
+        self.channels_last, self.name, self.track_as = channels_last, name, track_as or name
         self.start, self.samples_at_start = time.perf_counter(), None
 
     def __call__(self, loop: TrainLoop) -> None:
@@ -55,6 +57,8 @@ class EpochLog:
         st.log.setdefault("epochs", []).append(record)
         if acc.is_main_process:
             write_jsonl(self.path, st.log["epochs"])
+            log_values(acc, {f"{self.track_as}/epoch/{k}": v for k, v in record.items()
+                             if k not in ("epoch", "step")}, step=st.step)
             log.info("%s %d: train loss %.4f, top-1 %.4f (augmented, this process); val top-1 %.4f, top-5 %.4f "
                      "(%.0f images/s)", self.name, record["epoch"], record["train_loss"], record["train_top1"],
                      record["val_top1"], record["val_top5"], record["images_per_s"])

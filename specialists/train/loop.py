@@ -17,6 +17,7 @@ process trains the model alone, even when other processes train other models.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
@@ -28,6 +29,7 @@ from ..config import DataConfig
 from ..data.pipeline import normalize
 from ..errors import DataError, UserError
 from ..progress import progress_bar
+from ..tracking import log_values
 from .checkpoint import Checkpointer, restore_rng
 
 log = logging.getLogger(__name__)
@@ -94,8 +96,9 @@ class TrainLoop:
     def __init__(self, accelerator: Accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  scheduler: torch.optim.lr_scheduler.LRScheduler, *, checkpointer: Checkpointer, ddp: bool,
                  checkpoint_every: int = 0, channels_last: bool = False, desc: str = "train",
-                 show_progress: bool = True) -> None:
+                 show_progress: bool = True, track_as: str | None = None, track_every: int = 50) -> None:
         self.accelerator = accelerator
+        self.ddp = ddp
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
         if ddp:
@@ -109,6 +112,7 @@ class TrainLoop:
         self.channels_last = channels_last
         self.desc = desc
         self.show_progress = show_progress
+        self.track = StepTracker(accelerator, track_as or desc.replace(" ", "-"), track_every)
         self.state = TrainState()
         self.extra_weights: dict[str, dict[str, torch.Tensor]] = {}  # e.g. a specialist's best state
 
@@ -174,6 +178,8 @@ class TrainLoop:
         def sync_loss() -> None:
             st.epoch_loss, st.epoch_correct = float(loss_sum), int(correct_sum)
 
+        images_per_sample = acc.num_processes if self.ddp else 1  # every process trains on as many
+        step_samples = 0
         self.model.train()
         for epoch, i, last, batch in source.iterate(st.epoch, st.batch_in_epoch):
             with acc.accumulate(self.model):
@@ -187,11 +193,15 @@ class TrainLoop:
             if correct:
                 correct_sum += correct[0]
             st.epoch_samples += samples
+            step_samples += samples
+            self.track.add(loss, samples)
             stepped = acc.sync_gradients
             if stepped:
                 self.scheduler.step()
                 st.step += 1
-                bar.update(1)
+                bar.update(1, images=step_samples * images_per_sample)
+                self.track.stepped(st.step, self.scheduler.get_last_lr()[0], step_samples * images_per_sample)
+                step_samples = 0
                 if on_step is not None:
                     sync_loss()
                     on_step(self)
@@ -217,3 +227,40 @@ class TrainLoop:
     def close(self) -> None:
         """Drop accelerate's references to this loop's model and optimiser (many specialists, one process)."""
         self.accelerator.free_memory()
+
+
+class StepTracker:
+    """Training points for the experiment trackers: every ``every`` optimiser steps, the mean loss of
+    the steps since the last point (this process), the learning rate and the images per second.
+
+    Does nothing (no device sync either) when the accelerator has no tracker running.
+    """
+
+    def __init__(self, accelerator: Accelerator, name: str, every: int) -> None:
+        self.accelerator, self.name, self.every = accelerator, name, max(1, every)
+        self.loss = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+        self.samples = self.images = 0
+        self.start = time.perf_counter()
+
+    @property
+    def active(self) -> bool:
+        return bool(self.accelerator.trackers)
+
+    def add(self, loss: torch.Tensor, samples: int) -> None:
+        if self.active:
+            self.loss += loss.detach().double() * samples
+            self.samples += samples
+
+    def stepped(self, step: int, lr: float, images: int) -> None:
+        if not self.active:
+            return
+        self.images += images
+        if step % self.every:
+            return
+        seconds = max(time.perf_counter() - self.start, 1e-9)
+        log_values(self.accelerator, {f"{self.name}/train/loss": float(self.loss) / max(self.samples, 1),
+                                      f"{self.name}/train/lr": lr,
+                                      f"{self.name}/train/images_per_s": self.images / seconds}, step=step)
+        self.loss.zero_()
+        self.samples = self.images = 0
+        self.start = time.perf_counter()

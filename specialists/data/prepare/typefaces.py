@@ -34,7 +34,7 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 from ...config import TypefacesConfig
 from ...errors import DataError, UserError
-from ...progress import progress
+from ...progress import progress_bar
 from .writer import Record, encode_png
 
 log = logging.getLogger(__name__)
@@ -362,8 +362,7 @@ def render_splits(
     records: dict[str, list[Record]] = {"train": [], "val": [], "test": []}
     blank: dict[str, list[str]] = defaultdict(list)
     total = sum(len(t.items) * t.renders for t in tasks)
-    bar = progress(range(total), desc="render", unit="img")
-    bar_update = getattr(bar, "update", lambda n: None)
+    bar = progress_bar(total, desc="render", unit="img")
     if workers == 1:
         _init_worker(options)
         results: Iterable[_Result] = map(_render_task, tasks)
@@ -375,11 +374,12 @@ def render_splits(
         for res in results:
             records[res.split] += res.records
             blank[res.face.name] += res.blank
-            bar_update(len(res.records) + len(res.blank) * res.renders)
+            done = len(res.records) + len(res.blank) * res.renders
+            bar.update(done, images=done)
     finally:
         if pool is not None:
             pool.terminate()
-        getattr(bar, "close", lambda: None)()
+        bar.close()
     census = _census(chars, split, records, blank)
     return records, census
 
