@@ -202,13 +202,14 @@ def _check_options(cfg: RunConfig, num_classes: int, config_label: str) -> None:
                         f"{num_classes} classes, which allows at most {num_classes // 2} specialists "
                         "(each needs at least 2 classes)")
     k = cc.classes_per_specialist
-    if k is not None and not 2 <= k <= num_classes:
+    if k is not None and not 2 <= k < num_classes:
         raise UserError(f"{config_label}: clustering.classes_per_specialist={k} but expected null or "
-                        f"2..{num_classes} (the number of classes)")
+                        f"2..{num_classes - 1} (fewer than the {num_classes} classes: a dustbin needs the others)")
     r, m = cc.coverage, cc.num_specialists
-    if r is not None and (k is not None or not 1 <= r <= m or r * num_classes // m < 2):
-        raise UserError(f"{config_label}: clustering.coverage={r} but expected null, or an int in 1..{m} "
-                        "(num_specialists) giving sets of at least 2 classes, with classes_per_specialist null")
+    if r is not None and (k is not None or not 1 <= r < m or r * num_classes // m < 2):
+        raise UserError(f"{config_label}: clustering.coverage={r} but expected null, or an int in 1..{m - 1} "
+                        "(below num_specialists, else every set holds every class) giving sets of at least 2 "
+                        "classes, with classes_per_specialist null")
 
 
 def _write_outputs(cfg: RunConfig, index: ShardIndex, acc: CovarianceAccumulator, pairs: np.ndarray,
