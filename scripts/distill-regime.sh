@@ -23,15 +23,15 @@ timed() {  # LABEL COMMAND...: run it, then print its wall time
   echo "$label: $((SECONDS - start)) s"
 }
 for teacher in ensemble generalist none; do
-  timed "distill $teacher: %e s" $S distill $C $D --set distill.teacher=$teacher
+  timed "distill $teacher" $S distill $C $D --set distill.teacher=$teacher
 done
 if [ -n "${CACHE_K:-}" ]; then
-  timed "distill cached-$CACHE_K: %e s" $S distill $C $D --set distill.teacher=ensemble \
+  timed "distill cached-$CACHE_K" $S distill $C $D --set distill.teacher=ensemble \
     --set distill.teacher_cache=true --set distill.cache_top_k=$CACHE_K --set distill.name=ensemble-cached-$CACHE_K
 fi
 W="--set distill.init=scratch --set distill.hidden=$WIDE_HIDDEN --set distill.lr=0.05 --set distill.warmup_epochs=1"
 for teacher in ensemble none; do
-  timed "distill wide $teacher: %e s" $S distill $C $D $W --set distill.teacher=$teacher \
+  timed "distill wide $teacher" $S distill $C $D $W --set distill.teacher=$teacher \
     --set distill.name=wide-$WIDE_HIDDEN-$teacher
 done
 $S evaluate $C --set inference.control=true
