@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROOT, tiny_overrides, write_clusters
+from conftest import ROOT, error_lines, tiny_overrides, write_clusters
 
 from specialists import dustbin_bias
 from specialists.artifacts.model_card import load_model, read_card
@@ -378,7 +378,7 @@ def test_kill_and_resume_a_specialist(tiny_shards, tiny_generalist, tmp_path):
     assert 30 <= saved_step < 120
     # a changed deciding key stops the resume in one line
     result = subprocess.run(_cmd(*args(runs["killed"]), "--set", "specialists.lr=0.02"), capture_output=True, text=True)
-    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert result.returncode == 2 and len(error_lines(result.stderr)) == 1, result.stderr
     assert "checkpoints made with specialists.lr=0.01, the config now says 0.02; pass --force" in result.stderr
     result = subprocess.run(_cmd(*args(runs["killed"])), capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
