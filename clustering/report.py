@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from clustering.kmeans import _check_cov
+from clustering.features import check_cov
 from clustering.quality import chance_pair_share
 
 logger = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ def summary(
     With a confusion matrix (C, C) of counts (rows = true), ``error_share_inside``
     is the share of errors whose (true, predicted) pair shares a set.
     """
-    cov_t = _check_cov(cov)
+    cov_t = check_cov(cov)
     c = cov_t.shape[0]
     sets = _check_sets(class_sets, c)
     conf = None if confusion is None else _check_confusion(confusion, c)
@@ -79,7 +79,7 @@ def write_report(
         confusion: (C, C) counts, rows = true class, columns = predicted.
         method: the clustering options (``describe_method``), shown as is.
     """
-    cov_t = _check_cov(cov)
+    cov_t = check_cov(cov)
     c = cov_t.shape[0]
     if len(class_names) != c:
         raise ValueError(f"class_names has {len(class_names)} names but cov has {c} classes")
