@@ -24,6 +24,19 @@ __all__ = ["CovarianceAccumulator"]
 _SCATTER_ENTRIES = 1 << 22
 
 
+def as_float_tensor(x: torch.Tensor | np.ndarray, name: str) -> torch.Tensor:
+    """A float numpy array or tensor as a tensor (no copy); ValueError naming ``name`` otherwise."""
+    if isinstance(x, np.ndarray):
+        if not np.issubdtype(x.dtype, np.floating):
+            raise ValueError(f"{name} must have a float dtype, got {x.dtype}")
+        x = torch.from_numpy(x)
+    elif not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor or numpy array, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise ValueError(f"{name} must have a float dtype, got {x.dtype}")
+    return x
+
+
 class CovarianceAccumulator:
     """Accumulates ``E[p pᵀ] − E[p] E[p]ᵀ`` over batches of probabilities.
 
@@ -106,14 +119,7 @@ class CovarianceAccumulator:
             flat_sum.index_add_(0, flat_index.reshape(-1), products.reshape(-1))
 
     def _as_batch(self, probs: torch.Tensor | np.ndarray) -> torch.Tensor:
-        if isinstance(probs, np.ndarray):
-            if not np.issubdtype(probs.dtype, np.floating):
-                raise ValueError(f"probs must have a float dtype, got {probs.dtype}")
-            probs = torch.from_numpy(probs)
-        elif not isinstance(probs, torch.Tensor):
-            raise ValueError(f"probs must be a torch.Tensor or numpy array, got {type(probs).__name__}")
-        if not probs.is_floating_point():
-            raise ValueError(f"probs must have a float dtype, got {probs.dtype}")
+        probs = as_float_tensor(probs, "probs")
         if probs.dim() != 2 or probs.shape[1] != self.num_classes:
             raise ValueError(
                 f"probs has shape {tuple(probs.shape)} but expected (B, {self.num_classes})"

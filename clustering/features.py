@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from clustering.covariance import CovarianceAccumulator
+from clustering.covariance import CovarianceAccumulator, as_float_tensor
 
 __all__ = ["COLUMN_TREATMENTS", "accumulated_features", "column_features"]
 
@@ -163,14 +163,7 @@ def _check_columns(columns: str) -> None:
 
 def check_cov(cov: torch.Tensor | np.ndarray) -> torch.Tensor:
     """A (C, C) finite float covariance as a CPU tensor (no copy of a CPU one)."""
-    if isinstance(cov, np.ndarray):
-        if not np.issubdtype(cov.dtype, np.floating):
-            raise ValueError(f"cov must have a float dtype, got {cov.dtype}")
-        cov = torch.from_numpy(cov)
-    elif not isinstance(cov, torch.Tensor):
-        raise ValueError(f"cov must be a torch.Tensor or numpy array, got {type(cov).__name__}")
-    if not cov.is_floating_point():
-        raise ValueError(f"cov must have a float dtype, got {cov.dtype}")
+    cov = as_float_tensor(cov, "cov")
     if cov.dim() != 2 or cov.shape[0] != cov.shape[1]:
         raise ValueError(f"cov has shape {tuple(cov.shape)} but expected a square (C, C) matrix")
     cov = cov.detach().cpu()
