@@ -36,7 +36,7 @@ from .artifacts.shard_index import ShardIndex
 from .config import RunConfig
 from .data.image_file import ImageFile
 from .data.pipeline import normalize, split_chunks
-from .models.surgery import dustbin_target, map_labels, penultimate_features
+from .models.surgery import dustbin_targets, map_labels, penultimate_features
 from .progress import progress
 
 log = logging.getLogger(__name__)
@@ -99,14 +99,13 @@ def build_held_out(generalist: torch.nn.Module, index: ShardIndex, cfg: RunConfi
                    specialists: list[tuple[int, list[int]]], folder: Path) -> HeldOut:
     """One generalist pass over val (see the module docstring); the image file goes in ``folder``."""
     num = index.count(SPLIT)
-    sample = sample_rows(num, cfg.seed)
+    sample = sample_rows(num, cfg.seed, SAMPLE_ROWS)
     in_sample = torch.zeros(num, dtype=torch.bool)
     in_sample[sample] = True
     sets = [torch.tensor(classes) for _, classes in specialists]
     top_n = cfg.inference.top_n
     images = ImageFile((cfg.data.channels, cfg.data.image_size, cfg.data.image_size), folder=folder)
-    labels, feats, routed = [], [], []
-    targets: list[list[torch.Tensor]] = [[] for _ in sets]
+    labels, feats, routed, targets = [], [], [], []
     hits: list[list[torch.Tensor]] = [[] for _ in sets]
     start = 0
     pieces = progress(split_chunks(index, cfg.data, SPLIT, CHUNK), main_process=accelerator.is_local_main_process,
@@ -121,8 +120,8 @@ def build_held_out(generalist: torch.nn.Module, index: ShardIndex, cfg: RunConfi
         zs = z[keep]
         if sets:
             routed.append(active_specialists(zs, sets, top_n=min(top_n, z.shape[1])))
+            targets.append(dustbin_targets(zs, sets))  # (M', kept)
         for k, s in enumerate(sets):
-            targets[k].append(dustbin_target(zs, s.tolist()))
             hits[k].append(_hits(z, y, s))
     if start != num:
         raise RuntimeError(f"{index.root}: read {start} {SPLIT} images, index.json says {num}")
@@ -131,7 +130,7 @@ def build_held_out(generalist: torch.nn.Module, index: ShardIndex, cfg: RunConfi
         images=images, labels=torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long), sample=sample,
         features=torch.cat(feats) if feats else torch.zeros(0, 0),
         routed=torch.cat(routed) if routed else torch.zeros(len(sample), 0, dtype=torch.bool),
-        targets=torch.stack([torch.cat(t) for t in targets]) if sets else torch.zeros(0, len(sample)),
+        targets=torch.cat(targets, dim=1) if sets else torch.zeros(0, len(sample)),
         general_hits=[torch.cat(h) for h in hits], ids=[m for m, _ in specialists])
 
 

@@ -421,3 +421,29 @@ def test_dustbin_correction_choices():
     assert dustbin_correction(head, "none") == (0.0, 1.0)
     with pytest.raises(ValueError, match="choice='trained'"):
         dustbin_correction(head, "trained")  # resolved by the caller from specialists.bias
+
+
+def test_val_beyond_the_sample_bound(tiny_shards, tiny_generalist, tmp_path, monkeypatch):
+    """More val images than held_out.SAMPLE_ROWS: the dustbin row and corrections are fitted on a seeded
+    sample of that many, the conditional accuracy still on every val image of the set."""
+    import specialists.held_out as held_out
+    from specialists.stages.specialists import run as train_specialists
+
+    assert held_out.sample_rows(5, seed=0, limit=8).tolist() == [0, 1, 2, 3, 4]
+    picked = held_out.sample_rows(96, seed=0, limit=40)
+    assert len(picked) == 40 and torch.equal(picked, picked.sort().values)
+    assert torch.equal(picked, held_out.sample_rows(96, seed=0, limit=40))  # seeded
+    monkeypatch.setattr(held_out, "SAMPLE_ROWS", 40)
+    run = _run_dir_with_generalist(tiny_generalist, tmp_path)
+    index = ShardIndex.load(tiny_shards)
+    write_clusters(run, index.class_names, [GROUPS[0]])
+    cfg = load_config(ROOT / "configs/tiny.yaml", tiny_overrides(tiny_shards, run, "specialists.steps=10"))
+    train_specialists(cfg)
+    model, card = load_model(RunLayout(run).specialist(0))
+    routed = card.specialist.routed_val_images
+    assert 0 < routed <= 40 and routed < 96 * 4 / 12  # among the 40 sampled, fewer than the 32 images of the set
+    images, labels = load_split(index, cfg.data, "val")
+    mask = torch.isin(labels, torch.tensor(GROUPS[0]))
+    with torch.no_grad():
+        pred = model(normalize(images[mask], cfg.data))[:, :4].argmax(1)
+    assert card.training["val_conditional_accuracy"] == pytest.approx((pred == labels[mask]).float().mean().item())

@@ -81,6 +81,38 @@ def dustbin_target(logits: torch.Tensor, classes: Sequence[int]) -> torch.Tensor
     return logits[:, other_classes(logits.shape[1], classes).to(logits.device)].double().logsumexp(dim=1)
 
 
+EXACT_TARGET_CLASSES = 4096  # up to this many classes, dustbin_targets takes every complement's log-sum-exp
+
+
+def dustbin_targets(logits: torch.Tensor, sets: Sequence[torch.Tensor], *, rows: int = 256) -> torch.Tensor:
+    """(M, N) float64 :func:`dustbin_target` of each class set for generalist logits (N, C).
+
+    Up to ``EXACT_TARGET_CLASSES`` classes, each set's own complement, exactly as
+    :func:`dustbin_target`. Above, one exponential of the logits serves every set:
+    log(Σ_j e^{z_j − m} − Σ_{j∈Sᵐ} e^{z_j − m}) + m — at the JFT shape the M complements'
+    exponentials (61 × 15,000 per image) were the specialists stage's largest cost; rows whose mass
+    outside Sᵐ is under 1e-10 of the whole, where the difference would lose digits, are taken exactly.
+    """
+    out = torch.empty(len(sets), len(logits), dtype=torch.float64)
+    if logits.shape[1] <= EXACT_TARGET_CLASSES:
+        for k, s in enumerate(sets):
+            out[k] = dustbin_target(logits, s.tolist())
+        return out
+    for start in range(0, len(logits), rows):
+        z = logits[start : start + rows].double()
+        top = z.amax(dim=1)
+        e = (z - top[:, None]).exp_()  # (rows, C)
+        total = e.sum(dim=1)
+        for k, s in enumerate(sets):
+            others = total - e[:, s].sum(dim=1)
+            target = others.log() + top
+            lost = others <= total * 1e-10
+            if lost.any():
+                target[lost] = dustbin_target(logits[start : start + rows][lost], s.tolist())
+            out[k, start : start + rows] = target
+    return out
+
+
 def make_specialist(generalist: nn.Module, classes: Sequence[int], *, head: str = "dustbin",
                     features: torch.Tensor | None = None, logits: torch.Tensor | None = None,
                     target: torch.Tensor | None = None, ridge: float = 1e-3) -> nn.Module:
