@@ -1,12 +1,14 @@
 """Benchmark of the inference package at JFT scale (Hinton et al. 2015, section 5).
 
 Prints ratios measured in one run:
-  (a) EM solve vs one copy of the (B, C) pᵍ tensor (target ≤ 3×), images/s;
-  (b) EM solve vs a plain dense numpy EM (target ≥ 50×);
+  (a) EM solve vs one copy of the (B, C) pᵍ tensor (target ≤ 2×), images/s;
+  (b) EM solve vs a plain dense numpy EM (target ≥ 100×);
   (c) the top-1 path that never writes the dense q;
   (d) time of the gradient (L-BFGS on logits) solver / EM to reach the same objective;
   (e) the engine with routing vs running every specialist on every image, small CNNs
-      (target ≥ 0.8 × the ideal (1 + M) / (1 + mean active)).
+      (target ≥ 0.95 × the ideal (1 + M) / (1 + mean active)), next to the bound the models
+      themselves set, (G + M·S) / (G + a·S) with G, S the generalist's and one specialist's
+      time on the whole batch (the ideal assumes G = S; a generalist's classifier is larger).
 
     .venv/bin/python benchmarks/bench_inference.py [--threads 1] [--skip gradient,engine]
 
@@ -134,7 +136,7 @@ def bench_solver(args) -> None:
         lambda: solve_kl_topk(pg, ps, sets, active, k=1),
     ], args.repeats)
     print(f"(a) copy of pᵍ {t_copy * 1e3:.1f} ms; EM solve {t_em * 1e3:.1f} ms = "
-          f"{t_em / t_copy:.2f}x copy (target <= 3); {args.batch / t_em:,.0f} images/s")
+          f"{t_em / t_copy:.2f}x copy (target <= 2); {args.batch / t_em:,.0f} images/s")
     print(f"(c) top-1 without dense q {t_top1 * 1e3:.1f} ms = {t_top1 / t_copy:.2f}x copy, "
           f"{t_em / t_top1:.2f}x faster than the dense solve")
     top_v, top_i = solve_kl_topk(pg, ps, sets, active, k=1)
@@ -148,7 +150,7 @@ def bench_solver(args) -> None:
     t_np = float(np.median(times))
     f_em = kl_objective(q, pg, ps, sets, active)
     f_np = kl_objective(torch.from_numpy(q_np), pg.double(), ps, sets, active)
-    print(f"(b) dense numpy EM {t_np * 1e3:.0f} ms = {t_np / t_em:.0f}x the EM solve (target >= 50); "
+    print(f"(b) dense numpy EM {t_np * 1e3:.0f} ms = {t_np / t_em:.0f}x the EM solve (target >= 100); "
           f"max objective difference {float((f_np - f_em).abs().max()):.1e}")
     if "gradient" not in args.skip:
         bench_gradient(args, pg, ps, sets, active)
@@ -201,15 +203,20 @@ def bench_engine(args) -> None:
     x = torch.randn(args.engine_batch, 1, 28, 28, generator=g)
     routed = engine.predict(x)
     mean_active = float(routed.active.sum(1).float().mean())
-    t_routed = best_time(lambda: engine.predict(x), args.repeats)
-    t_all = best_time(lambda: engine.predict(x, run_all=True), args.repeats)
+    with torch.inference_mode():
+        t_routed, t_all, t_gen, t_spec = interleaved_times(
+            [lambda: engine.predict(x), lambda: engine.predict(x, run_all=True), lambda: gen(x), lambda: specs[0](x)],
+            args.repeats)
     ideal = (1 + m_spec) / (1 + mean_active)
+    bound = (t_gen + m_spec * t_spec) / (t_gen + mean_active * t_spec)
     same = engine.predict(x, return_q=True).q
     diff = (same - engine.predict(x, return_q=True, run_all=True).q).abs().max()
     print(f"(e) engine B={args.engine_batch} C={c} M={m_spec}x{size}, mean active "
           f"{mean_active:.2f}: routed {t_routed * 1e3:.0f} ms, run-all {t_all * 1e3:.0f} ms, "
           f"speed-up {t_all / t_routed:.2f}x vs ideal {ideal:.2f}x "
-          f"({t_all / t_routed / ideal:.2f} of ideal, target >= 0.8); max |q diff| {diff:.1e}")
+          f"({t_all / t_routed / ideal:.2f} of ideal, target >= 0.95); the models' bound {bound:.2f}x "
+          f"(generalist {t_gen * 1e3:.0f} ms, a specialist {t_spec * 1e3:.0f} ms on the batch): "
+          f"{t_all / t_routed / bound:.2f} of it; max |q diff| {diff:.1e}")
 
 
 def main() -> None:

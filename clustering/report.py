@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from clustering.kmeans import _check_cov
+from clustering.features import check_cov
 from clustering.quality import chance_pair_share
 
 logger = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ def summary(
     With a confusion matrix (C, C) of counts (rows = true), ``error_share_inside``
     is the share of errors whose (true, predicted) pair shares a set.
     """
-    cov_t = _check_cov(cov)
+    cov_t = check_cov(cov)
     c = cov_t.shape[0]
     sets = _check_sets(class_sets, c)
     conf = None if confusion is None else _check_confusion(confusion, c)
@@ -85,7 +85,7 @@ def write_report(
         keep: names of files or folders of an existing ``out_dir`` to carry into the new one
             (pages written there by others, e.g. an evaluation report).
     """
-    cov_t = _check_cov(cov)
+    cov_t = check_cov(cov)
     c = cov_t.shape[0]
     if len(class_names) != c:
         raise ValueError(f"class_names has {len(class_names)} names but cov has {c} classes")

@@ -76,8 +76,8 @@ def _seg_sum(x: Tensor, index: Tensor, size: int) -> Tensor:
 
 
 def _plogp(x: Tensor) -> Tensor:
-    """x log x elementwise, 0 at 0 (log of the clamped value: vectorised, unlike xlogy)."""
-    return x * x.clamp_min(torch.finfo(x.dtype).tiny).log()
+    """x log x elementwise, 0 at 0 (log of the clamped value: vectorised, unlike xlogy); one new tensor."""
+    return x.clamp_min(torch.finfo(x.dtype).tiny).log_().mul_(x)
 
 
 def _dense_ids(key: Tensor) -> tuple[Tensor, int]:
@@ -368,8 +368,15 @@ def densify(sol: CompactSolution, p_general: Tensor) -> Tensor:
     num_classes = p_general.shape[1]
     q = torch.mul(p_general, sol.alpha.to(p_general.dtype)[:, None])  # (B, C); α = 1 if no pair
     flat = sol.flat if sol.flat is not None else sol.pair_img[:, None] * num_classes + sol.cls
-    q.view(-1).index_copy_(0, flat.view(-1), sol.q.reshape(-1).to(p_general.dtype))  # repeats: same value
+    values = sol.q.reshape(-1).to(p_general.dtype)
+    if q.device.type == "cpu" and q.dtype in _NUMPY_DTYPES and not q.requires_grad:  # numpy's indexed store: ~1.6x torch's index_copy_
+        q.view(-1).numpy()[flat.view(-1).numpy()] = values.numpy()  # repeats: same value
+    else:
+        q.view(-1).index_copy_(0, flat.view(-1), values)
     return q
+
+
+_NUMPY_DTYPES = (torch.float32, torch.float64)
 
 
 __all__ = ["CompactSolution", "densify", "solve_em"]

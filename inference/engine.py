@@ -109,6 +109,7 @@ class EnsembleEngine:
         self.generalist = generalist.eval()
         self.specialists = [s.eval() for s in specialists]
         self.class_sets = [torch.as_tensor(s) for s in class_sets]
+        self._widths = [int(s.numel()) + 1 for s in self.class_sets]  # outputs of each specialist
         self.dustbin_biases = biases
         self.temperatures = temps
         self.top_n = top_n
@@ -154,7 +155,7 @@ class EnsembleEngine:
         device = _module_device(model) or images.device
         with torch.inference_mode(), self._autocast():
             logits = model(images.to(device, non_blocking=True))
-        width = int(torch.as_tensor(self.class_sets[m]).numel()) + 1
+        width = self._widths[m]
         if logits.ndim != 2 or logits.shape != (images.shape[0], width):
             raise ValueError(
                 f"specialist {m} returned logits of shape {tuple(logits.shape)}, expected "
@@ -163,6 +164,19 @@ class EnsembleEngine:
         logits = logits.float() / self.temperatures[m]
         logits[:, -1] += self.dustbin_biases[m]
         return torch.softmax(logits, dim=1).to(self.device)
+
+    def _routed_probs(self, images: Tensor, active: Tensor, sizes: list[int], like: Tensor) -> list[Tensor]:
+        """Each specialist's probabilities on just the images that activate it, (n_m, |Sᵐ|+1) in image
+        order; one nonzero over the whole mask instead of one per specialist."""
+        pair_m, pair_img = active.T.nonzero(as_tuple=True)  # m-major, images ascending within m
+        counts = torch.bincount(pair_m, minlength=len(self.specialists)).tolist()
+        rows = []
+        for m, idx in enumerate(torch.split(pair_img, counts)):
+            if counts[m] == 0:
+                rows.append(like.new_zeros(0, sizes[m] + 1))
+            else:
+                rows.append(self.specialist_probs(m, images.index_select(0, idx)))
+        return rows
 
     # ------------------------------------------------------------------ predict
 
@@ -194,18 +208,10 @@ class EnsembleEngine:
         if self.top_n > num_classes:
             raise ValueError(f"top_n={self.top_n} exceeds the generalist's C={num_classes} classes")
         active = route(p_general, sets, self.top_n)  # (B, M)
-        rows = []
-        for m in range(len(self.specialists)):
-            if run_all:
-                rows.append(self.specialist_probs(m, images))  # (B, |Sᵐ|+1), full rows
-                continue
-            idx = active[:, m].nonzero().squeeze(1)  # (n_m,)
-            if idx.numel() == 0:
-                rows.append(p_general.new_zeros(0, sets.size_list[m] + 1))
-            else:
-                rows.append(self.specialist_probs(m, images.index_select(0, idx)))
-        if run_all:  # keep only the active rows: the compact layout the solvers expect
-            rows = [r[active[:, m]] for m, r in enumerate(rows)]
+        if run_all:  # every specialist on every image, then the compact layout the solvers expect
+            rows = [self.specialist_probs(m, images)[active[:, m]] for m in range(len(self.specialists))]
+        else:
+            rows = self._routed_probs(images, active, sets.size_list, p_general)
         logger.debug("batch %d: %.2f active specialists per image", batch, active.sum(1).float().mean())
         g_top_prob, g_top = p_general.max(dim=1)
         q = topk_probs = topk_idx = None

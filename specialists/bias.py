@@ -50,10 +50,16 @@ def dustbin_correction(head: SpecialistHead, choice: str) -> tuple[float, float]
     raise ValueError(f"choice={choice!r}: expected one of {', '.join(CORRECTIONS)}")
 
 
+FIT_CHUNK = 1 << 18  # logits per piece of the NLL: its temporaries stay ~2 MB however many rows
+
+
 def fit_bias_and_temperature(logits: torch.Tensor, targets: torch.Tensor) -> tuple[float, float]:
     """(dustbin bias b, temperature T) minimising the held-out NLL of softmax(z / T + b·e_dustbin).
 
-    logits: (N, |Sᵐ|+1), dustbin last; targets: (N,) specialist outputs.
+    logits: (N, |Sᵐ|+1), dustbin last; targets: (N,) specialist outputs. Above ``FIT_CHUNK``
+    logits the NLL and its gradient are summed over row pieces: L-BFGS's line search otherwise
+    leaves a dozen N × (|Sᵐ|+1) float64 temporaries per evaluation to the allocator (2.2 GB
+    measured for 10,000 × 301); up to it, one piece, computed as it always was.
     """
     z = logits.double()
     log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
@@ -61,12 +67,21 @@ def fit_bias_and_temperature(logits: torch.Tensor, targets: torch.Tensor) -> tup
     opt = torch.optim.LBFGS([log_t, b], lr=0.5, max_iter=200, line_search_fn="strong_wolfe")
     onehot = torch.zeros(z.shape[1], dtype=torch.float64)
     onehot[-1] = 1.0
+    rows = max(1, FIT_CHUNK // max(1, z.shape[1]))
 
     def closure():
         opt.zero_grad()
-        loss = F.cross_entropy(z / log_t.exp() + b * onehot, targets)
-        loss.backward()
-        return loss
+        if len(z) <= rows:
+            loss = F.cross_entropy(z / log_t.exp() + b * onehot, targets)
+            loss.backward()
+            return loss
+        total = torch.zeros((), dtype=torch.float64)
+        for start in range(0, len(z), rows):
+            piece = F.cross_entropy(z[start : start + rows] / log_t.exp() + b * onehot,
+                                    targets[start : start + rows], reduction="sum") / len(z)
+            piece.backward()
+            total += piece.detach()
+        return total
 
     opt.step(closure)
     return float(b.detach()), float(log_t.detach().exp())

@@ -184,6 +184,7 @@ class RunConfig:
     name: str = "run"  # shown in reports and logs
     run_dir: str = "runs/run"
     seed: int = 0
+    threads: int = 0  # torch intra-op threads per process; 0: auto (context.intra_op_threads)
     data: DataConfig = field(default_factory=DataConfig)
     generalist: GeneralistConfig = field(default_factory=GeneralistConfig)
     clustering: ClusteringConfig = field(default_factory=ClusteringConfig)
@@ -374,7 +375,8 @@ def _check_values(cfg: RunConfig, label: str) -> None:
     for key, value in positive.items():
         if value < 1:
             fail(key, f"expected a positive integer, got {value}")
-    non_negative = {"data.num_workers": cfg.data.num_workers, "data.crop_padding": cfg.data.crop_padding,
+    non_negative = {"threads": cfg.threads, "data.num_workers": cfg.data.num_workers,
+                    "data.crop_padding": cfg.data.crop_padding,
                     "generalist.checkpoint_every": cfg.generalist.checkpoint_every,
                     "specialists.checkpoint_every": cfg.specialists.checkpoint_every,
                     "specialists.warmup_steps": cfg.specialists.warmup_steps, "data.shuffle_buffer": cfg.data.shuffle_buffer}

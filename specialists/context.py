@@ -52,8 +52,45 @@ def on_cpu() -> bool:
     return not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
 
 
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, e.g. under taskset or a container)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def intra_op_threads(setting: int, num_workers: int, *, cores: int | None = None,
+                     local_processes: int | None = None) -> tuple[int, str]:
+    """torch's intra-op thread count for one process of a stage, and where it came from.
+
+    ``setting`` > 0 (the config's ``threads``) is taken as is. 0 is auto: ``OMP_NUM_THREADS`` when
+    set, else the cores available less every local process's ``num_workers`` data workers, shared
+    among the local processes, at least 1. Two jobs on one machine that each take every core
+    collapse (OpenMP threads spin-wait on each other): docs/RESULTS.md, "Threads".
+    """
+    if setting > 0:
+        return setting, "threads in the config"
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if env.isdigit() and int(env) > 0:
+        return int(env), "OMP_NUM_THREADS"
+    cores = available_cores() if cores is None else cores
+    local = local_processes or max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    threads = max(1, (cores - local * num_workers) // local)
+    return threads, (f"auto: {cores} cores available, {num_workers} data worker(s) per process, "
+                     f"{local} local process(es)")
+
+
+def set_threads(cfg: RunConfig) -> int:
+    """Apply the config's intra-op thread count to torch (logged: results can depend on it)."""
+    threads, why = intra_op_threads(cfg.threads, cfg.data.num_workers)
+    torch.set_num_threads(threads)
+    log.info("torch intra-op threads: %d (%s)", threads, why)
+    return threads
+
+
 def make_accelerator(cfg: RunConfig, *, grad_accum_steps: int = 1) -> Accelerator:
-    """An accelerator with the run's mixed precision (one rule for every stage) and trackers.
+    """An accelerator with the run's mixed precision, thread count and trackers (one rule for every stage).
 
     On a machine without a GPU it uses gloo, so ``accelerate launch --multi_gpu --num_processes N``
     forms one group of N CPU processes; a stage launched as several processes that still did not
@@ -61,6 +98,7 @@ def make_accelerator(cfg: RunConfig, *, grad_accum_steps: int = 1) -> Accelerato
     write under the run's ``tracking/`` folder; a stage starts its tracker run with
     :func:`specialists.tracking.tracked`.
     """
+    set_threads(cfg)
     cpu = on_cpu()
     precision = resolve_mixed_precision(cfg.generalist.mixed_precision, "cpu" if cpu else "cuda")
     log_with = check_trackers(cfg.tracking.log_with)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 # Tests run many tiny models, often beside DataLoader workers and subprocesses: one
@@ -42,6 +43,13 @@ def cli(capsys):
 
 
 ROOT = Path(__file__).resolve().parents[1]
+LOG_RECORD = re.compile(r"^\d\d:\d\d:\d\d (INFO|DEBUG) [\w.]+: ")  # the CLI's log format (specialists/cli.py)
+
+
+def error_lines(stderr: str) -> list[str]:
+    """A subprocess's stderr less its INFO/DEBUG log records (a stage logs e.g. its thread count at
+    start): what is left of a refused command must be its one-line error."""
+    return [line for line in stderr.splitlines() if not LOG_RECORD.match(line)]
 
 
 def tiny_overrides(shards: Path, run_dir: Path, *extra: str) -> list[str]:

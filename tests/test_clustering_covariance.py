@@ -126,3 +126,30 @@ def test_errors_name_the_problem():
     with pytest.raises(RuntimeError, match="empty accumulator"):
         acc.covariance()
     assert acc.count == 0  # failed updates left no trace
+
+
+def test_top_k_rows_are_kept_merged_and_saved():
+    x = torch.from_numpy(_probs(50, 9)).float()
+    a = CovarianceAccumulator(9, top_k=3).update(x[:20])
+    b = CovarianceAccumulator(9, top_k=3).update(x[20:])
+    values, index = a.merge(b).rows
+    assert sum(len(v) for v in values) == 50 and values[0].dtype == torch.float32 and index[0].dtype == torch.int32
+    top = x.topk(3, dim=1)
+    got = torch.cat(values).sort(dim=1, descending=True).values
+    assert torch.equal(got, top.values)
+    assert torch.equal(torch.cat(index).long().sort(dim=1).values, top.indices.sort(dim=1).values)
+    state = a.state_dict()
+    assert state["row_values"].shape == (50, 3)
+    restored = CovarianceAccumulator(9, top_k=3).load_state_dict(state)
+    assert torch.equal(torch.cat(restored.rows[0]), torch.cat(values))
+
+
+def test_nan_found_and_huge_finite_rows_accepted():
+    x = torch.rand(4, 5)
+    x[2, 3] = float("nan")
+    with pytest.raises(ValueError, match="NaN/Inf at row 2"):
+        CovarianceAccumulator(5, top_k=2).update(x)
+    huge = torch.full((3, 5), 3e38)  # each finite; their float32 row sums overflow
+    acc = CovarianceAccumulator(5).update(huge.double().div(1e38).float())
+    assert acc.count == 3
+    CovarianceAccumulator(5).update(huge)  # not refused: no entry is NaN/Inf

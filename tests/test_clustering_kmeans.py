@@ -184,3 +184,55 @@ def test_equal_coverage_puts_every_class_in_r_sets(planted):
         assert counts.min() == counts.max() == r, (m, r, np.bincount(counts))
     sets = cluster_classes(cov, 8, coverage=1, seed=0)  # disjoint: the planted groups come back
     assert adjusted_rand_score(groups, _labels(sets, C)) >= 0.95
+
+
+# ----------------------------------------------------- columns projected from an accumulator
+@pytest.fixture(scope="module")
+def top_k_planted():
+    """300 classes in 12 planted groups, top-5 sums: sparse enough for the projected path."""
+    c, groups_n = 300, 12
+    groups = planted_groups(c, groups_n, seed=4)
+    acc = CovarianceAccumulator(c, top_k=5)
+    for probs, _ in synthetic_outputs(groups, 6_000, batch_size=1_000, seed=5):
+        acc.update(probs)
+    return groups, acc
+
+
+@pytest.mark.parametrize("columns", ["raw", "zero_diagonal", "correlation", "correlation_keep_diagonal"])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_accumulated_features_equal_the_dense_ones(top_k_planted, columns, normalize):
+    """The projection from the kept rows (no C × C product) gives column_features' vectors."""
+    from clustering.features import accumulated_features
+
+    _, acc = top_k_planted
+    dense = column_features(acc.covariance(), columns=columns, normalize=normalize, max_dim=32, seed=7)
+    fast = accumulated_features(acc, columns=columns, normalize=normalize, max_dim=32, seed=7)
+    assert fast.shape == dense.shape == (300, 32) and fast.dtype == np.float32
+    np.testing.assert_allclose(fast, dense, rtol=0, atol=2e-5 * np.abs(dense).max())
+
+
+def test_cluster_classes_from_the_accumulator(top_k_planted):
+    """Same sets as from the dense covariance, the accumulator left unspent; 61-style overlapping sets."""
+    groups, acc = top_k_planted
+    count = acc.count
+    sets = cluster_classes(acc, 12, 30, max_dim=32, seed=0)
+    assert sets == cluster_classes(acc.covariance(), 12, 30, max_dim=32, seed=0)
+    assert acc.count == count and acc.covariance().shape == (300, 300)  # still usable
+    assert [len(s) for s in sets] == [30] * 12
+    for g in range(12):  # each planted group of 25 inside some set of 30
+        members = set(np.flatnonzero(groups == g).tolist())
+        assert any(members <= set(s) for s in sets)
+
+
+def test_accumulator_without_rows_falls_back_to_the_dense_columns(top_k_planted):
+    from clustering.features import accumulated_features
+
+    _, acc = top_k_planted
+    restored = CovarianceAccumulator(300, top_k=5).load_state_dict(
+        {k: v for k, v in acc.state_dict().items() if not k.startswith("row_")})
+    assert restored.rows is None
+    np.testing.assert_array_equal(accumulated_features(restored, max_dim=32),
+                                  column_features(acc.covariance(), max_dim=32))
+    dense_acc = CovarianceAccumulator(6).update(torch.softmax(torch.randn(20, 6), 1))
+    assert dense_acc.rows is None
+    assert cluster_classes(dense_acc, 2) == cluster_classes(dense_acc.covariance(), 2)

@@ -76,3 +76,46 @@ def test_cli_unknown_key_is_one_line_error(tmp_path, cli):
     assert err.strip().count("\n") == 0
     assert "bad.yaml: data.shardz: unknown key" in err
     assert not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------------------------------------- threads
+def test_threads_auto_from_cores_workers_and_local_processes(monkeypatch):
+    from specialists.context import intra_op_threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert intra_op_threads(3, 1, cores=2, local_processes=1)[0] == 3  # the config's value as is
+    assert intra_op_threads(0, 1, cores=2, local_processes=1)[0] == 1  # the demo's machine: 2 − 1
+    assert intra_op_threads(0, 0, cores=2, local_processes=1)[0] == 2
+    assert intra_op_threads(0, 2, cores=8, local_processes=2)[0] == 2  # (8 − 2·2) / 2
+    assert intra_op_threads(0, 4, cores=2, local_processes=1)[0] == 1  # never below 1
+    assert intra_op_threads(0, 0, cores=16, local_processes=3)[0] == 5
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert intra_op_threads(0, 1, cores=16, local_processes=1) == (3, "OMP_NUM_THREADS")
+    assert intra_op_threads(2, 1, cores=16, local_processes=1)[0] == 2
+
+
+def test_threads_applied_at_stage_start_and_logged(monkeypatch, caplog):
+    import torch
+
+    from specialists.context import make_accelerator
+
+    before = torch.get_num_threads()
+    try:
+        with caplog.at_level("INFO", logger="specialists.context"):
+            make_accelerator(load_config(ROOT / "configs/tiny.yaml", ["threads=2"]))
+        assert torch.get_num_threads() == 2
+        assert "torch intra-op threads: 2 (threads in the config)" in caplog.text
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_published_configs_pin_two_threads():
+    """Their figures were made with torch's default of 2 threads on 2 cores; auto would pick 1."""
+    for name in ("fashion-mnist", "typefaces", "typefaces-1000", "typefaces-iid-1000"):
+        assert load_config(ROOT / f"configs/{name}.yaml").threads == 2
+    assert load_config(ROOT / "configs/tiny.yaml").threads == 0
+
+
+def test_negative_threads_refused():
+    with pytest.raises(ConfigError, match="threads: expected ≥ 0, got -1"):
+        load_config(None, ["threads=-1"])

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, tiny_overrides, write_clusters
+from conftest import ROOT, error_lines, tiny_overrides, write_clusters
 
 from specialists.artifacts.model_card import read_card
 from specialists.config import load_config
@@ -60,7 +60,7 @@ def test_kill_and_resume_the_control(with_specialists, tiny_shards, tmp_path):
     assert not control.weights.exists() and 30 <= saved < 2 * SPECIALIST_STEPS, "finished before it could be killed"
     result = subprocess.run(_cmd(tiny_shards, runs["killed"], "specialists.weight_decay=0.001"), capture_output=True,
                             text=True)
-    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert result.returncode == 2 and len(error_lines(result.stderr)) == 1, result.stderr
     assert "checkpoints made with specialists.weight_decay=0.0005, the config now says 0.001" in result.stderr
     result = subprocess.run(_cmd(tiny_shards, runs["killed"]), capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]

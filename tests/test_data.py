@@ -181,3 +181,35 @@ def test_train_batches_whole_accumulation_groups(tiny_shards):
     cut = train_batches(index, CFG, epoch=0, seed=0, multiple_of=5)
     assert len(full) == 12 and len(cut) == 10
     assert sum(1 for _ in cut) == 10
+
+
+# ------------------------------------------------------- a split in fixed pieces, spilled to disk
+@pytest.mark.parametrize("workers", [0, 2])
+def test_split_chunks_are_exact_pieces_in_load_split_order(tiny_shards, workers):
+    from specialists.data.pipeline import load_split, split_chunks
+
+    index = ShardIndex.load(tiny_shards)
+    cfg = replace(CFG, num_workers=workers, eval_batch_size=13)
+    images, labels = load_split(index, cfg, "val")
+    pieces = list(split_chunks(index, cfg, "val", 40))
+    assert [len(y) for _, y in pieces] == [40, 40, 16]  # 96 val images
+    assert torch.equal(torch.cat([x for x, _ in pieces]), images)
+    assert torch.equal(torch.cat([y for _, y in pieces]), labels)
+
+
+def test_image_file_reads_rows_back(tmp_path):
+    from specialists.data.image_file import ImageFile
+
+    images = torch.randint(0, 256, (25, 1, 4, 4), dtype=torch.uint8)
+    spill = ImageFile((1, 4, 4), folder=tmp_path / "spill")
+    spill.append(images[:10])
+    spill.append(images[10:])
+    assert spill.count == 25 and list((tmp_path / "spill").iterdir()) == []  # anonymous: no name on disk
+    rows = torch.tensor([0, 1, 2, 7, 8, 20, 24])
+    assert torch.equal(spill.read(rows), images[rows])
+    assert [len(x) for x in spill.chunks(rows, 3)] == [3, 3, 1]
+    assert torch.equal(torch.cat(list(spill.chunks(rows, 3))), images[rows])
+    assert spill.read(torch.zeros(0, dtype=torch.long)).shape == (0, 1, 4, 4)
+    with pytest.raises(IndexError):
+        spill.read(torch.tensor([25]))
+    spill.close()

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROOT, tiny_overrides, write_clusters
+from conftest import ROOT, error_lines, tiny_overrides, write_clusters
 
 from specialists import dustbin_bias
 from specialists.artifacts.model_card import load_model, read_card
@@ -297,21 +297,27 @@ def test_routed_fit_lowers_the_dustbin_on_images_routed_to_the_specialist():
     assert b_all > 0.5 and b_routed < b_all - 1.0
 
 
-def test_specialist_is_better_than_chance_within_its_set(tiny_shards, tiny_generalist, tmp_path):
-    """The conditional val accuracy stored in the sidecar equals one recomputed from the saved weights."""
+def _train_group0(tiny_shards, tiny_generalist, tmp_path, *overrides: str):
+    """Specialist 0 on GROUPS[0] trained by the stage; (its card, its conditional val accuracy recomputed
+    from the saved weights on every val image of the set)."""
+    from specialists.stages.specialists import run as train_specialists
+
     run = _run_dir_with_generalist(tiny_generalist, tmp_path)
     index = ShardIndex.load(tiny_shards)
     write_clusters(run, index.class_names, [GROUPS[0]])
-    from specialists.stages.specialists import run as train_specialists
-
-    cfg = load_config(ROOT / "configs/tiny.yaml", tiny_overrides(tiny_shards, run, "specialists.bias=fit"))
+    cfg = load_config(ROOT / "configs/tiny.yaml", tiny_overrides(tiny_shards, run, *overrides))
     train_specialists(cfg)
     model, card = load_model(RunLayout(run).specialist(0))
     images, labels = load_split(index, cfg.data, "val")
     mask = torch.isin(labels, torch.tensor(GROUPS[0]))
     with torch.no_grad():
         pred = model(normalize(images[mask], cfg.data))[:, :4].argmax(1)
-    acc = (pred == labels[mask]).float().mean().item()
+    return card, (pred == labels[mask]).float().mean().item()
+
+
+def test_specialist_is_better_than_chance_within_its_set(tiny_shards, tiny_generalist, tmp_path):
+    """The conditional val accuracy stored in the sidecar equals one recomputed from the saved weights."""
+    card, acc = _train_group0(tiny_shards, tiny_generalist, tmp_path, "specialists.bias=fit")
     assert acc == pytest.approx(card.training["val_conditional_accuracy"], abs=1e-6)
     assert acc > 0.25
     assert card.training["bias_method"] == "fit"
@@ -378,7 +384,7 @@ def test_kill_and_resume_a_specialist(tiny_shards, tiny_generalist, tmp_path):
     assert 30 <= saved_step < 120
     # a changed deciding key stops the resume in one line
     result = subprocess.run(_cmd(*args(runs["killed"]), "--set", "specialists.lr=0.02"), capture_output=True, text=True)
-    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert result.returncode == 2 and len(error_lines(result.stderr)) == 1, result.stderr
     assert "checkpoints made with specialists.lr=0.01, the config now says 0.02; pass --force" in result.stderr
     result = subprocess.run(_cmd(*args(runs["killed"])), capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -421,3 +427,19 @@ def test_dustbin_correction_choices():
     assert dustbin_correction(head, "none") == (0.0, 1.0)
     with pytest.raises(ValueError, match="choice='trained'"):
         dustbin_correction(head, "trained")  # resolved by the caller from specialists.bias
+
+
+def test_val_beyond_the_sample_bound(tiny_shards, tiny_generalist, tmp_path, monkeypatch):
+    """More val images than held_out.SAMPLE_ROWS: the dustbin row and corrections are fitted on a seeded
+    sample of that many, the conditional accuracy still on every val image of the set."""
+    import specialists.held_out as held_out
+
+    assert held_out.sample_rows(5, seed=0, limit=8).tolist() == [0, 1, 2, 3, 4]
+    picked = held_out.sample_rows(96, seed=0, limit=40)
+    assert len(picked) == 40 and torch.equal(picked, picked.sort().values)
+    assert torch.equal(picked, held_out.sample_rows(96, seed=0, limit=40))  # seeded
+    monkeypatch.setattr(held_out, "SAMPLE_ROWS", 40)
+    card, acc = _train_group0(tiny_shards, tiny_generalist, tmp_path, "specialists.steps=10")
+    routed = card.specialist.routed_val_images
+    assert 0 < routed <= 40 and routed < 96 * 4 / 12  # among the 40 sampled, fewer than the 32 images of the set
+    assert card.training["val_conditional_accuracy"] == pytest.approx(acc)

@@ -300,6 +300,28 @@ def _pad(images: torch.Tensor, labels: torch.Tensor, bs: int) -> tuple[torch.Ten
     return images, labels, valid
 
 
+def split_chunks(index: ShardIndex, cfg: DataConfig, split: str, size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """A split streamed as uint8 images (n, C, S, S) and labels (n,) in pieces of exactly ``size``
+    rows (the last one shorter), in the order of :func:`load_split`, whatever the loader's batches.
+
+    Fixed pieces make per-row model outputs the same as over the split held whole in ``size``-row
+    batches (a batch's size can change a kernel's float order); memory holds about two pieces.
+    """
+    held_x: list[torch.Tensor] = []
+    held_y: list[torch.Tensor] = []
+    count = 0
+    for x, y, valid in eval_batches(index, cfg, split):
+        held_x.append(x[valid])
+        held_y.append(y[valid])
+        count += int(valid.sum())
+        while count >= size:
+            xs, ys = torch.cat(held_x), torch.cat(held_y)
+            yield xs[:size], ys[:size]
+            held_x, held_y, count = [xs[size:]], [ys[size:]], count - size
+    if count:
+        yield torch.cat(held_x), torch.cat(held_y)
+
+
 def load_split(index: ShardIndex, cfg: DataConfig, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     """A whole (small) split in memory: uint8 images (N, C, S, S) and labels (N,), in shard order."""
     images, labels = [], []

@@ -66,16 +66,64 @@ def penultimate_features(model: nn.Module, images: torch.Tensor) -> tuple[torch.
     return captured[0], logits
 
 
+def other_classes(num_classes: int, classes: Sequence[int]) -> torch.Tensor:
+    """(C,) bool: the classes outside Sᵐ (those the dustbin stands for)."""
+    other = torch.ones(num_classes, dtype=torch.bool)
+    other[torch.as_tensor(list(classes), dtype=torch.long)] = False
+    return other
+
+
+def dustbin_target(logits: torch.Tensor, classes: Sequence[int]) -> torch.Tensor:
+    """(N,) float64 log Σ_{j∉Sᵐ} exp z_j of generalist logits (N, C): what the dustbin row should give.
+
+    Row by row, so that it can be computed a batch at a time and kept instead of the logits.
+    """
+    return logits[:, other_classes(logits.shape[1], classes).to(logits.device)].double().logsumexp(dim=1)
+
+
+EXACT_TARGET_CLASSES = 4096  # up to this many classes, dustbin_targets takes every complement's log-sum-exp
+
+
+def dustbin_targets(logits: torch.Tensor, sets: Sequence[torch.Tensor], *, rows: int = 256) -> torch.Tensor:
+    """(M, N) float64 :func:`dustbin_target` of each class set for generalist logits (N, C).
+
+    Up to ``EXACT_TARGET_CLASSES`` classes, each set's own complement, exactly as
+    :func:`dustbin_target`. Above, one exponential of the logits serves every set:
+    log(Σ_j e^{z_j − m} − Σ_{j∈Sᵐ} e^{z_j − m}) + m — at the JFT shape the M complements'
+    exponentials (61 × 15,000 per image) were the specialists stage's largest cost; rows whose mass
+    outside Sᵐ is under 1e-10 of the whole, where the difference would lose digits, are taken exactly.
+    """
+    out = torch.empty(len(sets), len(logits), dtype=torch.float64)
+    if logits.shape[1] <= EXACT_TARGET_CLASSES:
+        for k, s in enumerate(sets):
+            out[k] = dustbin_target(logits, s.tolist())
+        return out
+    for start in range(0, len(logits), rows):
+        z = logits[start : start + rows].double()
+        top = z.amax(dim=1)
+        e = (z - top[:, None]).exp_()  # (rows, C)
+        total = e.sum(dim=1)
+        for k, s in enumerate(sets):
+            others = total - e[:, s].sum(dim=1)
+            target = others.log() + top
+            lost = others <= total * 1e-10
+            if lost.any():
+                target[lost] = dustbin_target(logits[start : start + rows][lost], s.tolist())
+            out[k, start : start + rows] = target
+    return out
+
+
 def make_specialist(generalist: nn.Module, classes: Sequence[int], *, head: str = "dustbin",
                     features: torch.Tensor | None = None, logits: torch.Tensor | None = None,
-                    ridge: float = 1e-3) -> nn.Module:
+                    target: torch.Tensor | None = None, ridge: float = 1e-3) -> nn.Module:
     """A specialist for ``classes``, initialised from ``generalist`` (which is not modified).
 
     ``head="dustbin"``: the classifier gets |Sᵐ|+1 rows; the |Sᵐ| rows are the generalist's,
     so the specialist's probabilities *within* Sᵐ start equal to the generalist's. The dustbin
     row should give log Σ_{j∉Sᵐ} exp(z_j), a log-sum-exp of linear functions of the features h,
     which no single linear row equals. Given a sample of the generalist's ``features`` (N, D)
-    and ``logits`` (N, C), the row is the ridge least-squares fit of that log-sum-exp on h, so
+    and ``logits`` (N, C) — or, instead of the logits, their ``target`` (N,) =
+    :func:`dustbin_target` — the row is the ridge least-squares fit of that log-sum-exp on h, so
     the dustbin probability starts close to the generalist's mass outside Sᵐ. Without a sample,
     it falls back to the mean of the other rows plus log(C − |Sᵐ|) (Jensen's lower bound).
 
@@ -89,14 +137,14 @@ def make_specialist(generalist: nn.Module, classes: Sequence[int], *, head: str 
         raise ValueError(f"head={head!r}: expected 'dustbin' or 'full'")
     fc = classifier(model)
     special = torch.as_tensor(list(classes), dtype=torch.long)
-    other = torch.ones(fc.out_features, dtype=torch.bool)
-    other[special] = False
+    other = other_classes(fc.out_features, classes)
     new = nn.Linear(fc.in_features, len(special) + 1, bias=True).to(fc.weight.device, fc.weight.dtype)
     with torch.no_grad():
         new.weight[:-1] = fc.weight[special]
         new.bias[:-1] = fc.bias[special] if fc.bias is not None else 0.0
-        if features is not None and logits is not None:
-            w, b = _fit_dustbin_row(features.double(), logits[:, other].double().logsumexp(dim=1), ridge)
+        if features is not None and (target is not None or logits is not None):
+            target = dustbin_target(logits, classes) if target is None else target
+            w, b = _fit_dustbin_row(features.double(), target, ridge)
         else:
             w = fc.weight[other].double().mean(dim=0)
             b = (fc.bias[other].double().mean() if fc.bias is not None else 0.0) + torch.log(other.sum().double())

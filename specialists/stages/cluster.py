@@ -216,14 +216,12 @@ def _write_outputs(cfg: RunConfig, index: ShardIndex, acc: CovarianceAccumulator
                    method: dict[str, Any], decided: dict[str, Any], config_label: str) -> Clusters:
     layout = RunLayout(cfg.run_dir)
     c = index.num_classes
-    cov = acc.covariance(inplace=True)  # (C, C) float64, the Σppᵀ buffer reused
     cc = cfg.clustering
-    try:
-        sets = cluster_classes(cov.cpu(), cc.num_specialists, cc.classes_per_specialist, cc.method, cfg.seed,
-                               columns=cc.columns, normalize=cc.normalize, n_init=cc.n_init,
-                               max_iter=cc.max_iter, max_dim=cc.max_dim, coverage=cc.coverage)
-    except ValueError as exc:
-        raise UserError(f"{config_label}: clustering failed: {exc}") from None
+    # top-k: the columns are projected from the accumulator's kept rows, before it is spent
+    sets = _cluster(acc, cfg, config_label) if cc.top_k is not None else None
+    cov = acc.covariance(inplace=True)  # (C, C) float64, the Σppᵀ buffer reused
+    if sets is None:
+        sets = _cluster(cov.cpu(), cfg, config_label)
     save_covariance(layout.covariance, cov.cpu().numpy())
     true, pred = pairs[:, 0], pairs[:, 1]
     save_confusion(layout.confusion, true, pred, c)
@@ -245,6 +243,16 @@ def _write_outputs(cfg: RunConfig, index: ShardIndex, acc: CovarianceAccumulator
                               deciding=decided)
     log.info("%d specialists over %d classes written to %s", len(sets), c, layout.clusters)
     return clusters
+
+
+def _cluster(cov: torch.Tensor | CovarianceAccumulator, cfg: RunConfig, config_label: str) -> list[list[int]]:
+    cc = cfg.clustering
+    try:
+        return cluster_classes(cov, cc.num_specialists, cc.classes_per_specialist, cc.method, cfg.seed,
+                               columns=cc.columns, normalize=cc.normalize, n_init=cc.n_init,
+                               max_iter=cc.max_iter, max_dim=cc.max_dim, coverage=cc.coverage)
+    except ValueError as exc:
+        raise UserError(f"{config_label}: clustering failed: {exc}") from None
 
 
 def describe(result: ClusterResult, *, max_lines: int = 12) -> str:

@@ -28,6 +28,7 @@ import json
 import logging
 import math
 import shutil
+from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -282,25 +283,54 @@ def run(cfg: RunConfig, input_spec: str, output: str | Path, *, predictor: str =
     result = None
     if accelerator.is_main_process:
         try:
-            rows = _merge(parts, world)
-            _write_output(output, (r for _, r in rows))
+            count = _merge(parts, world, output)
         finally:
             shutil.rmtree(parts, ignore_errors=True)
-        result = PredictResult(output, len(rows), sorted(skipped), world)
+        result = PredictResult(output, count, sorted(skipped), world)
     accelerator.wait_for_everyone()
     return result
 
 
-def _merge(parts: Path, world: int) -> list[tuple[list[int], dict[str, Any]]]:
-    rows = []
-    for r in range(world):
-        path = parts / f"rank-{r:05d}.jsonl"
+def _merge(parts: Path, world: int, output: Path) -> int:
+    """Write every rank's rows into ``output`` in input order; returns how many.
+
+    Memory: the input position and file offset of every row (a few ints each), never the rows:
+    each row is read back from its part file when its turn comes.
+    """
+    paths = [parts / f"rank-{r:05d}.jsonl" for r in range(world)]
+    for path in paths:
         if not path.is_file():
             raise UserError(f"{path}: missing; the output's folder must be on a file system every process sees")
-        with open(path, encoding="utf-8") as f:
-            rows += [json.loads(line) for line in f]
-    rows.sort(key=lambda row: row[0])
-    return rows
+    keys, where = array("q"), array("q")  # flat: the order key and (rank, byte offset) of every row
+    width = 1
+    for rank, path in enumerate(paths):
+        offset = 0
+        with open(path, "rb") as f:
+            for line in f:
+                key = json.loads(line)[0]
+                width = len(key)
+                keys.extend(key)
+                where.extend((rank, offset))
+                offset += len(line)
+    if not where:
+        _write_output(output, iter(()))
+        return 0
+    key_rows = np.frombuffer(keys, dtype=np.int64).reshape(-1, width)
+    located = np.frombuffer(where, dtype=np.int64).reshape(-1, 2)[np.lexsort(key_rows.T[::-1])]
+    del keys, where, key_rows
+    files = [open(path, "rb") for path in paths]
+
+    def rows() -> Iterator[dict[str, Any]]:
+        for rank, offset in located.tolist():
+            files[rank].seek(offset)
+            yield json.loads(files[rank].readline())[1]
+
+    try:
+        _write_output(output, rows())
+    finally:
+        for f in files:
+            f.close()
+    return len(located)
 
 
 def _write_output(output: Path, records: Iterator[dict[str, Any]]) -> None:

@@ -4,7 +4,9 @@ Under ``accelerate launch`` with P processes, process r trains the specialists w
 m mod P = r, each on its own (no gradient sync between specialists). Each specialist starts
 as a copy of the generalist with a dustbin head (:func:`~specialists.models.surgery.make_specialist`),
 trains on the enriched stream (a fraction f of every batch from its classes), keeps the
-weights of its best val conditional accuracy, and fits its dustbin corrections on val.
+weights of its best val conditional accuracy, and fits its dustbin corrections on val. The val
+split is streamed once and kept in memory only as far as :mod:`specialists.held_out` says
+(docs/MEMORY.md): memory does not grow with the number of val images.
 """
 
 from __future__ import annotations
@@ -46,10 +48,11 @@ from ..context import (
     open_shards,
 )
 from ..data.enriched import EnrichedStream, enriched_batches
-from ..data.pipeline import load_split, normalize
+from ..data.pipeline import normalize
 from ..errors import UserError
+from ..held_out import CHUNK, HeldOut, build_held_out, run_model
 from ..layout import RunLayout
-from ..models.surgery import collapse_logits, make_specialist, map_labels, penultimate_features
+from ..models.surgery import collapse_logits, make_specialist, map_labels
 from ..tracking import log_values, tracked
 from ..train import Checkpointer, StreamSource, TrainLoop, build_optimizer, warmup_cosine
 from ..train.losses import specialist_loss
@@ -116,61 +119,55 @@ def command(cfg: RunConfig, args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------ what they share
 @dataclass
 class Context:
-    """What every specialist of a run shares: data, generalist, held-out split, device."""
+    """What the specialists of a run trained by this process share: data, generalist, val, device."""
 
     cfg: RunConfig
     index: ShardIndex
     accelerator: Accelerator
     generalist: torch.nn.Module
     generalist_card: ModelCard
-    val_images: torch.Tensor  # uint8 (N, C, S, S)
-    val_labels: torch.Tensor  # (N,)
-    val_logits: torch.Tensor  # (N, C) generalist logits
-    val_features: torch.Tensor  # (N, D) generalist penultimate features
+    val: HeldOut  # the val split, streamed once (images on disk, a bounded sample in memory)
 
     @property
     def device(self) -> torch.device:
         return self.accelerator.device
 
 
-def build_context(cfg: RunConfig, accelerator: Accelerator) -> Context:
-    index = open_shards(cfg)
+def build_context(cfg: RunConfig, accelerator: Accelerator, index: ShardIndex,
+                  specialists: list[tuple[int, list[int]]]) -> Context:
+    """The generalist (frozen) and one pass of it over val for ``specialists`` ((id, classes) pairs)."""
     generalist, card = load_generalist(cfg, index, accelerator.device)
     for p in generalist.parameters():
         p.requires_grad_(False)
-    images, labels = load_split(index, cfg.data, "val")
-    ctx = Context(cfg, index, accelerator, generalist, card, images, labels, torch.empty(0), torch.empty(0))
-    ctx.val_logits, ctx.val_features = run_batches(generalist, images, ctx, features=True)
-    return ctx
+    val = build_held_out(generalist, index, cfg, accelerator, specialists, RunLayout(cfg.run_dir).specialists_dir)
+    return Context(cfg, index, accelerator, generalist, card, val)
 
 
-@torch.inference_mode()
-def run_batches(model: torch.nn.Module, images: torch.Tensor, ctx: Context, *, features: bool = False,
-                batch_size: int = 1000):
-    """Logits (and penultimate features) of ``model`` over uint8 ``images``, in batches."""
-    outs, feats = [], []
-    for start in range(0, len(images), batch_size):
-        x = normalize(images[start : start + batch_size].to(ctx.device), ctx.cfg.data)
-        with ctx.accelerator.autocast():
-            if features:
-                h, z = penultimate_features(model, x)
-                feats.append(h.float().cpu())
-            else:
-                z = model(x)
-        outs.append(z.float().cpu())
-    logits = torch.cat(outs)
-    return (logits, torch.cat(feats)) if features else logits
+def specialist_logits(model: torch.nn.Module, ctx: Context, classes: list[int], rows: torch.Tensor, *,
+                      full_head: bool) -> torch.Tensor:
+    """(len(rows), |Sᵐ|+1) logits of a specialist on val ``rows`` (a full head collapsed to set + dustbin)."""
+    model.eval()
+    pieces = [run_model(model, x, ctx.accelerator, ctx.cfg) for x in ctx.val.images.chunks(rows, CHUNK)]
+    logits = torch.cat(pieces) if pieces else torch.zeros(0, len(classes) + 1)
+    return collapse_logits(logits, classes) if full_head else logits
 
 
 # --------------------------------------------------------------------- held-out figures
 def conditional_accuracy(logits: torch.Tensor, labels: torch.Tensor, classes: list[int], *, full_head: bool) -> float:
     """Accuracy on images of Sᵐ with the prediction restricted to Sᵐ (dustbin excluded)."""
+    return mean_or_nan(_specialist_hits(logits, labels, classes, full_head=full_head))
+
+
+def _specialist_hits(logits: torch.Tensor, labels: torch.Tensor, classes: list[int], *, full_head: bool) -> torch.Tensor:
+    """(k,) bool over the images of Sᵐ among ``labels``: is the argmax over Sᵐ (dustbin excluded) the label?"""
     mask = torch.isin(labels, torch.tensor(classes))
-    if not mask.any():
-        return float("nan")
     z = logits[mask][:, classes] if full_head else logits[mask][:, : len(classes)]
-    target = map_labels(labels[mask], classes, num_classes=max(int(labels.max()) + 1, max(classes) + 1))
-    return (z.argmax(dim=1) == target).float().mean().item()
+    return z.argmax(dim=1) == map_labels(labels[mask], classes, num_classes=max(classes) + 1)
+
+
+def mean_or_nan(hits: torch.Tensor) -> float:
+    """The share of True in ``hits``; NaN when there is none to count."""
+    return hits.float().mean().item() if len(hits) else float("nan")
 
 
 def routed_mask(general_logits: torch.Tensor, classes: list[int], top_n: int) -> torch.Tensor:
@@ -179,16 +176,17 @@ def routed_mask(general_logits: torch.Tensor, classes: list[int], top_n: int) ->
     return active_specialists(general_logits, [classes], top_n=min(top_n, general_logits.shape[1]))[:, 0]
 
 
-def dustbin_fits(val_logits: torch.Tensor, ctx: Context, classes: list[int]) -> dict[str, Any]:
-    """Dustbin bias and temperature fitted on val two ways (card fields).
+def dustbin_fits(val_logits: torch.Tensor, ctx: Context, m: int, classes: list[int]) -> dict[str, Any]:
+    """Dustbin bias and temperature fitted on val's sample (all of val up to
+    ``held_out.SAMPLE_ROWS`` images) two ways (card fields); ``val_logits`` are the specialist's there.
 
-    ``fitted_*``: on every val image — the natural distribution, as the prior formula assumes.
-    ``routed_*``: on the val images the ensemble routes to this specialist (inference.top_n) —
+    ``fitted_*``: on every sample image — the natural distribution, as the prior formula assumes.
+    ``routed_*``: on the sample images the ensemble routes to this specialist (inference.top_n) —
     the distribution it really sees, where most images *are* of Sᵐ (docs/RESULTS.md).
     """
-    targets = map_labels(ctx.val_labels, classes, ctx.index.num_classes)
+    targets = map_labels(ctx.val.sample_labels, classes, ctx.index.num_classes)
     fitted_bias, fitted_t = fit_bias_and_temperature(val_logits, targets)
-    mask = routed_mask(ctx.val_logits, classes, ctx.cfg.inference.top_n)
+    mask = ctx.val.routed[:, ctx.val.column(m)]
     if int(mask.sum()) >= MIN_ROUTED:
         routed_bias, routed_t = fit_bias_and_temperature(val_logits[mask], targets[mask])
     else:
@@ -203,7 +201,8 @@ def train_one(ctx: Context, m: int, classes: list[int], *, force: bool = False) 
     cfg, scfg = ctx.cfg, ctx.cfg.specialists
     paths = RunLayout(cfg.run_dir).specialist(m)
     set_seed(cfg.seed + 1000 * (m + 1))
-    model = make_specialist(ctx.generalist, classes, head=scfg.head, features=ctx.val_features, logits=ctx.val_logits)
+    model = make_specialist(ctx.generalist, classes, head=scfg.head, features=ctx.val.features,
+                            target=ctx.val.targets[ctx.val.column(m)])
     optimizer = build_optimizer(model, scfg.optimizer, scfg.lr, scfg.momentum, scfg.weight_decay)
     scheduler = warmup_cosine(optimizer, scfg.warmup_steps, scfg.steps)
     decided = deciding(cfg, ctx.index, ctx.generalist_card, classes)
@@ -263,15 +262,18 @@ def _keep_best(ctx: Context, m: int, classes: list[int]):
     """The ``on_step`` hook: every ``eval_every`` steps (and at the last), the val conditional accuracy
     (also to the trackers); the weights of the best so far are kept (in the checkpoints too)."""
     scfg = ctx.cfg.specialists
-    val_mask = torch.isin(ctx.val_labels, torch.tensor(classes))
+    rows = ctx.val.rows_of(classes)  # read from disk at every evaluation, CHUNK images at a time
+    labels = ctx.val.labels[rows]
 
     def on_step(loop: TrainLoop) -> None:
         st = loop.state
         if st.step % scfg.eval_every and st.step != scfg.steps:
             return
         loop.model.eval()
-        acc = conditional_accuracy(run_batches(loop.model, ctx.val_images[val_mask], ctx), ctx.val_labels[val_mask],
-                                   classes, full_head=scfg.head == "full")
+        hits = [_specialist_hits(run_model(loop.model, x, ctx.accelerator, ctx.cfg), labels[i : i + len(x)], classes,
+                                 full_head=scfg.head == "full")
+                for i, x in zip(range(0, len(rows), CHUNK), ctx.val.images.chunks(rows, CHUNK), strict=True)]
+        acc = mean_or_nan(torch.cat(hits) if hits else torch.zeros(0, dtype=torch.bool))
         st.log.setdefault("history", []).append([st.step, acc])
         log_values(ctx.accelerator, {f"{tracker_name(m)}/val/conditional_accuracy": acc}, step=st.step)
         if acc > st.log.get("best_acc", -1.0):
@@ -287,17 +289,14 @@ def _card(ctx: Context, m: int, classes: list[int], loop: TrainLoop, decided: di
     cfg, scfg = ctx.cfg, ctx.cfg.specialists
     model = loop.unwrapped
     model.load_state_dict(loop.extra_weights["best"])
-    model.eval()
-    val_logits = run_batches(model, ctx.val_images, ctx)
-    if scfg.head == "full":
-        val_logits = collapse_logits(val_logits, classes)
+    val_logits = specialist_logits(model, ctx, classes, ctx.val.sample, full_head=scfg.head == "full")
     counts = ctx.index.class_counts("train")
     prior = float(counts[classes].sum() / counts.sum())
     head = SpecialistHead(id=m, classes=list(classes), head=scfg.head, special_fraction=scfg.special_fraction,
                           special_fraction_in_data=prior, prior_bias=dustbin_bias(prior, scfg.special_fraction),
-                          **dustbin_fits(val_logits, ctx, classes))
+                          **dustbin_fits(val_logits, ctx, m, classes))
     gcard = ctx.generalist_card
-    general_cond = conditional_accuracy(ctx.val_logits, ctx.val_labels, classes, full_head=True)
+    general_cond = mean_or_nan(ctx.val.general_hits[ctx.val.column(m)])
     return build_card("specialist", arch=gcard.arch, arch_kwargs=gcard.arch_kwargs,
                       num_outputs=ctx.index.num_classes if scfg.head == "full" else len(classes) + 1,
                       class_names=ctx.index.class_names, data_cfg=cfg.data, data=ctx.index.root, deciding=decided,
@@ -316,10 +315,8 @@ def refit_dustbin(ctx: Context, m: int, classes: list[int]) -> Path:
     if not is_finished(paths):
         raise UserError(f"{paths.weights}: specialist {m} is not trained; --refit-bias needs finished specialists")
     model, card = load_model(paths, device=ctx.device)
-    logits = run_batches(model.eval(), ctx.val_images, ctx)
-    if card.specialist.head == "full":
-        logits = collapse_logits(logits, classes)
-    fits = dustbin_fits(logits, ctx, classes)
+    logits = specialist_logits(model, ctx, classes, ctx.val.sample, full_head=card.specialist.head == "full")
+    fits = dustbin_fits(logits, ctx, m, classes)
     head = SpecialistHead(**{**card.specialist.__dict__, **fits})
     write_card(paths, ModelCard(**{**card.__dict__, "specialist": head}))
     log.info("specialist %d: routed bias %.3f, T %.2f on %d val images (all of val: %.3f, %.2f)", m,
@@ -340,26 +337,33 @@ def run(cfg: RunConfig, *, only: list[int] | None = None, force: bool = False, r
 def _run(cfg: RunConfig, accelerator: Accelerator, *, only: list[int] | None, force: bool, refit: bool) -> list[Path]:
     layout = RunLayout(cfg.run_dir)
     rank, world = accelerator.process_index, accelerator.num_processes
-    ctx = build_context(cfg, accelerator)
-    clusters = load_clusters(layout.clusters, ctx.index.class_names)
+    index = open_shards(cfg)
+    clusters = load_clusters(layout.clusters, index.class_names)
     if only is not None:
         unknown = sorted(set(only) - set(clusters.ids))
         if unknown:
             raise UserError(f"--only {unknown}: no such specialist in {layout.clusters} "
                             f"(ids {clusters.ids[0]}..{clusters.ids[-1]})")
-    paths = []
-    for m, classes in zip(clusters.ids, clusters.sets, strict=True):
-        if m % world != rank or (only is not None and m not in only):
-            continue
-        spec = layout.specialist(m)
-        if refit:
-            paths.append(refit_dustbin(ctx, m, list(classes)))
-        elif is_finished(spec) and not force:
-            _check_finished(read_card(spec), spec.card, m, deciding(cfg, ctx.index, ctx.generalist_card, classes))
-            log.info("specialist %d already trained: %s", m, spec.weights)
-            paths.append(spec.weights)
-        else:
-            paths.append(train_one(ctx, m, list(classes), force=force))
+    mine = [(m, list(classes)) for m, classes in zip(clusters.ids, clusters.sets, strict=True)
+            if m % world == rank and (only is None or m in only)]
+    paths = {m: layout.specialist(m).weights for m, _ in mine}
+    todo = [(m, classes) for m, classes in mine if refit or force or not _finished(cfg, index, m, classes)]
+    if todo:  # one generalist pass over val serves them all
+        ctx = build_context(cfg, accelerator, index, todo)
+        try:
+            for m, classes in todo:
+                paths[m] = refit_dustbin(ctx, m, classes) if refit else train_one(ctx, m, classes, force=force)
+        finally:
+            ctx.val.close()
     accelerator.wait_for_everyone()
-    return paths
+    return [paths[m] for m, _ in mine]
 
+
+def _finished(cfg: RunConfig, index: ShardIndex, m: int, classes: list[int]) -> bool:
+    """Specialist ``m`` is trained, with this config's deciding values (else: one line saying which differs)."""
+    spec = RunLayout(cfg.run_dir).specialist(m)
+    if not is_finished(spec):
+        return False
+    _check_finished(read_card(spec), spec.card, m, deciding(cfg, index, generalist_card(cfg, index), classes))
+    log.info("specialist %d already trained: %s", m, spec.weights)
+    return True
