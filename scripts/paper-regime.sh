@@ -10,9 +10,11 @@
 #   infer     dustbin correction × top-n on val (the run's specialists; routed fits refitted per n)
 #   test      the chosen settings (BIAS, TOP_N) on test: generalist, ensemble, control
 #   coverage  table 4 with every class in exactly r = 1, 2, 3 sets (OUT/coverage-r), on test
-# Settings: SWEEP ("steps:lr ..."), CONTROL_LRS, SUBSET, and the chosen SPEC_STEPS, SPEC_LR, CONTROL_LR,
-# BIAS, TOP_N. Writes OUT/sweep.tsv (one line per val variant; OUT defaults to RUN-sweep). One job at a time on a
-# small machine (OMP_NUM_THREADS=1 beside other work).
+# Settings: SWEEP ("steps:lr ..."), CONTROL_LRS, SUBSET. The chosen SPEC_STEPS, SPEC_LR, CONTROL_LR, BIAS,
+# TOP_N are taken from the environment when set, otherwise from the val rows of OUT/sweep.tsv: the variant
+# with the largest gain over the generalist (the first listed on a tie). Writes OUT/sweep.tsv (one line per
+# val variant; OUT defaults to RUN-sweep) and OUT/chosen.txt. One job at a time on a small machine
+# (OMP_NUM_THREADS=1 beside other work).
 set -euo pipefail
 CONFIG=${1:?usage: paper-regime.sh CONFIG [STEP...]}
 shift
@@ -23,12 +25,29 @@ C="--config $CONFIG"
 RUN=$($S paths $C run_dir)
 OUT=${OUT:-$RUN-sweep}
 SUBSET=${SUBSET:-5}
-SPEC_STEPS=${SPEC_STEPS:-1500}
-SPEC_LR=${SPEC_LR:-0.03}
-CONTROL_LR=${CONTROL_LR:-$SPEC_LR}
-BIAS=${BIAS:-trained}
-TOP_N=${TOP_N:-1}
 sweep_init "$OUT"
+
+best() {  # PREFIX: the val variant named PREFIX* with the largest change (first on a tie)
+  awk -F'\t' -v p="$1" 'NR > 1 && index($1, p) == 1 { c = $5 + 0; if (!n || c > m) { m = c; v = $1; n = 1 } }
+    END { if (!n) exit 1; print v }' "$TSV"
+}
+
+choose() {  # VAR VALUE-FROM-VAL...: keep VAR from the environment, else set it from val
+  local var=$1; shift
+  if [ -z "${!var:-}" ]; then
+    local value
+    value=$("$@") || { echo "paper-regime: no val rows in $TSV to choose $var from; run the earlier steps or set $var" >&2; exit 2; }
+    printf -v "$var" '%s' "$value"
+    echo "$var=$value (chosen on val, $TSV)" | tee -a "$OUT/chosen.txt"
+  fi
+}
+
+spec_choice() { choose SPEC_STEPS spec_field 2; choose SPEC_LR spec_field 3; }
+spec_field() { best spec- | cut -d- -f"$1"; }
+control_choice() { spec_choice; choose CONTROL_LR control_field; }
+control_field() { best control- | cut -d- -f2; }
+infer_choice() { choose BIAS infer_field 2; choose TOP_N infer_field 4; }
+infer_field() { best bias- | cut -d- -f"$1"; }
 
 subset_clusters() {  # DST: the run's clusters.json cut to its first SUBSET sets
   python3 - "$(run_path "$RUN" clusters)" "$(run_path "$1" clusters)" "$SUBSET" <<'PY'
@@ -67,6 +86,7 @@ for step in $STEPS; do
     done
     ;;
   control)
+    spec_choice
     for lr in ${CONTROL_LRS:-0.003 0.01 0.03 0.1}; do
       dir="$OUT/spec-$SPEC_STEPS-$SPEC_LR"  # its specialists fix the matched steps
       cdir="$OUT/control-$lr"
@@ -80,10 +100,12 @@ for step in $STEPS; do
     done
     ;;
   full)
+    control_choice
     $S train-specialists $C --set specialists.steps=$SPEC_STEPS --set specialists.lr=$SPEC_LR
     $S train-control $C --set specialists.steps=$SPEC_STEPS --set specialists.lr=$SPEC_LR --set control.lr=$CONTROL_LR
     ;;
   infer)
+    control_choice
     for n in 1 2 3; do
       $S train-specialists $C --set specialists.steps=$SPEC_STEPS --set specialists.lr=$SPEC_LR \
         --refit-bias --set inference.top_n=$n > /dev/null
@@ -94,12 +116,16 @@ for step in $STEPS; do
     done
     ;;
   test)
+    control_choice
+    infer_choice
     $S train-specialists $C --set specialists.steps=$SPEC_STEPS --set specialists.lr=$SPEC_LR \
       --refit-bias --set inference.top_n=$TOP_N > /dev/null
     $S evaluate $C --set specialists.steps=$SPEC_STEPS --set specialists.lr=$SPEC_LR --set control.lr=$CONTROL_LR \
       --set inference.bias=$BIAS --set inference.top_n=$TOP_N --set inference.control=true | tee "$OUT/test.txt"
     ;;
   coverage)
+    spec_choice
+    infer_choice
     for r in 1 2 3; do
       dir="$OUT/coverage-$r"
       mkdir -p "$dir"
