@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -81,11 +82,22 @@ def _plogp(x: Tensor) -> Tensor:
 
 
 def _dense_ids(key: Tensor) -> tuple[Tensor, int]:
-    """Consecutive ids of the distinct values (rows, for 2-D) of ``key``, and how many."""
+    """Consecutive ids of the distinct values (rows, for 2-D) of ``key``, and how many
+    (in increasing order of the values, as ``torch.unique``)."""
     if key.numel() == 0:
         return key.new_zeros(0), 0
+    if key.ndim == 1 and key.device.type == "cpu":  # numpy's sort: ~4x torch's at 15,000 keys
+        uniq, ids = np.unique(key.numpy(), return_inverse=True)
+        return torch.from_numpy(ids.reshape(-1).astype(np.int64, copy=False)), uniq.shape[0]
     uniq, ids = torch.unique(key, dim=0 if key.ndim == 2 else None, return_inverse=True)
     return ids, uniq.shape[0]
+
+
+def _unique(key: Tensor) -> Tensor:
+    """Sorted distinct values of a 1-D tensor (numpy's sort on the CPU)."""
+    if key.device.type == "cpu":
+        return torch.from_numpy(np.unique(key.numpy()))
+    return torch.unique(key)
 
 
 @dataclass
@@ -192,7 +204,8 @@ def _em_problem(
     dup_idx, dup_img = sh.idx[dup], sh.img[dup]
     n_pat = sh.n_patterns
     pat_first = sh.pattern[first]
-    g_out = row_sums - _seg_sum(g.sum(1, dtype=f64), pair_img, batch) + _seg_sum(
+    g_rows = g.sum(1, dtype=f64)  # (P,)
+    g_out = row_sums - _seg_sum(g_rows, pair_img, batch) + _seg_sum(
         g_sh[dup].to(f64), dup_img, batch
     )  # (B,) Σ_{j∉U} pᵍ_j
     weight = torch.cat([
@@ -201,7 +214,7 @@ def _em_problem(
         g_out.clamp_min(0.0),
     ])  # (N,)
     start = torch.cat([
-        (g.sum(1, dtype=f64) - _seg_sum(g_sh.to(f64), sh.pair, n_pairs)).clamp_min(0.0),
+        (g_rows - _seg_sum(g_sh.to(f64), sh.pair, n_pairs)).clamp_min(0.0),
         _seg_sum(g_sh[first].to(f64), pat_first, n_pat),
         g_out.clamp_min(0.0),
     ])
@@ -214,7 +227,7 @@ def _em_problem(
     # renormalise, so an unnormalised start could look better than its first step
     total = torch.where(n_act > 0, _seg_sum(start, node_img, batch), 1.0)
     start /= total.index_select(0, node_img)
-    inc, _ = torch.unique(sh.pattern * max(n_pairs, 1) + sh.pair, return_inverse=True)
+    inc = _unique(sh.pattern * max(n_pairs, 1) + sh.pair)
     arange_p = torch.arange(n_pairs, device=device)
     # f = Σ pᵍ log pᵍ + Σ pᵐ log pᵐ − Σ_j w_j log q_j − Σ d log R over U (outside U the
     # pᵍ log pᵍ cancel); with q_j = Q_n w_j / W_n: − Σ_j w_j log q_j = Σ_U w log w
