@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -75,17 +76,57 @@ def _seg_sum(x: Tensor, index: Tensor, size: int) -> Tensor:
     return torch.zeros(size, dtype=x.dtype, device=x.device).index_add_(0, index, x)
 
 
+def _row_sums64(x: Tensor) -> Tensor:
+    """(R,) float64 row sums of an (R, S) tensor, as ``x.sum(1, dtype=float64)`` (the same
+    values: rows are summed independently) but cast a few rows at a time, so that the
+    float64 copy stays in cache and no (R, S) float64 temporary is allocated."""
+    if x.dtype == torch.float64 or x.device.type != "cpu":
+        return x.sum(1, dtype=torch.float64)
+    out = torch.empty(x.shape[0], dtype=torch.float64, device=x.device)
+    step = max(1, (1 << 15) // max(x.shape[1], 1))  # 256 KiB of float64 per piece
+    for r0 in range(0, x.shape[0], step):
+        torch.sum(x[r0 : r0 + step], 1, dtype=torch.float64, out=out[r0 : r0 + step])
+    return out
+
+
 def _plogp(x: Tensor) -> Tensor:
     """x log x elementwise, 0 at 0 (log of the clamped value: vectorised, unlike xlogy); one new tensor."""
     return x.clamp_min(torch.finfo(x.dtype).tiny).log_().mul_(x)
 
 
+def _take(x: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+    """x[rows, cols] for an (R, S) or (R, S, W) tensor whose (S, W) entries are laid out
+    densely within each row (x may be a row-strided view, e.g. a column slice): one
+    ``index_select`` over a flat view of the rows' span, ~3x faster than the advanced
+    index on the CPU, no copy of x."""
+    inner = x.shape[2:]
+    step = x.stride(1)  # elements per slot
+    dense = step == inner.numel() and (not inner or x[0, 0].is_contiguous())
+    if not dense or x.stride(0) % step:
+        return x[rows, cols]
+    row_step = x.stride(0) // step
+    span = (x.shape[0] - 1) * row_step + x.shape[1]  # slots from the first row's to the last's
+    slots = x.as_strided((span, *inner), (step, *x.stride()[2:]))
+    return slots.index_select(0, rows * row_step + cols)
+
+
 def _dense_ids(key: Tensor) -> tuple[Tensor, int]:
-    """Consecutive ids of the distinct values (rows, for 2-D) of ``key``, and how many."""
+    """Consecutive ids of the distinct values (rows, for 2-D) of ``key``, and how many
+    (in increasing order of the values, as ``torch.unique``)."""
     if key.numel() == 0:
         return key.new_zeros(0), 0
+    if key.ndim == 1 and key.device.type == "cpu":  # numpy's sort: ~4x torch's at 15,000 keys
+        uniq, ids = np.unique(key.numpy(), return_inverse=True)
+        return torch.from_numpy(ids.reshape(-1).astype(np.int64, copy=False)), uniq.shape[0]
     uniq, ids = torch.unique(key, dim=0 if key.ndim == 2 else None, return_inverse=True)
     return ids, uniq.shape[0]
+
+
+def _unique(key: Tensor) -> Tensor:
+    """Sorted distinct values of a 1-D tensor (numpy's sort on the CPU)."""
+    if key.device.type == "cpu":
+        return torch.from_numpy(np.unique(key.numpy()))
+    return torch.unique(key)
 
 
 @dataclass
@@ -116,17 +157,17 @@ def _shared_entries(
     )[:, None, :]  # (P', S, W) the other active specialists holding the slot's class
     multi = common.squeeze(2) != 0 if words == 1 else (common != 0).any(2)  # (P', S)
     loc = multi.view(-1).nonzero().squeeze(1)  # (K,)
-    pair = can[loc // width]
+    pair = can.index_select(0, loc // width)
     slot = loc % width
-    img, m = pair_img[pair], pair_m[pair]
+    img, m = pair_img.index_select(0, pair), pair_m.index_select(0, pair)
     idx = pair * width + slot
-    lower = sets.slot_lower[m, slot] & act_bits[img]  # (K, W)
+    lower = _take(sets.slot_lower, m, slot) & act_bits.index_select(0, img)  # (K, W)
     is_dup = (lower != 0).any(1)
     own = torch.zeros_like(lower).scatter_(
         1, (m // BITS_PER_WORD)[:, None], torch.bitwise_left_shift(1, m % BITS_PER_WORD)[:, None]
     )
-    holders = common.view(-1, words)[loc] | own  # (K, W) the class's pattern
-    group, n_groups = _dense_ids(img * num_classes + cls.view(-1)[idx])
+    holders = common.view(-1, words).index_select(0, loc) | own  # (K, W) the class's pattern
+    group, n_groups = _dense_ids(img * num_classes + cls.view(-1).index_select(0, idx))
     mask_id, n_masks = _dense_ids(holders.squeeze(1) if words == 1 else holders)
     pattern, n_patterns = _dense_ids(img * max(n_masks, 1) + mask_id)
     return _Shared(idx, pair, img, group, n_groups, pattern, n_patterns, is_dup)
@@ -156,7 +197,7 @@ def _specialist_slots(
         spec = torch.cat([F.pad(p.to(dtype), (0, width + 1 - p.shape[1])) for p in rows])
         pv = torch.cat([F.pad(p[:, :-1].to(dtype), (0, width + 1 - p.shape[1])) for p in rows])
     d = torch.cat([p[:, -1] for p in rows]).to(torch.float64)
-    return pv, d, _plogp(spec).sum(1, dtype=torch.float64)
+    return pv, d, _row_sums64(_plogp(spec))
 
 
 def _em_problem(
@@ -181,32 +222,33 @@ def _em_problem(
     pv, d, spec_const = _specialist_slots(rows, width, dtype, device)
     w = g + pv  # (P, S)
     sh = _shared_entries(cls, pair_m, pair_img, sets, active)
-    g_sh = g.view(-1)[sh.idx]  # (K,) the same pᵍ_j in every copy
+    g_sh = g.view(-1).index_select(0, sh.idx)  # (K,) the same pᵍ_j in every copy
     if sh.idx.numel():  # a shared class gets every active specialist's probability
-        pv_sh = pv[sh.pair, sh.idx % width]  # (pv may be a strided view: no reshape copy)
+        pv_sh = _take(pv, sh.pair, sh.idx % width)  # (pv may be a strided view: no copy)
         pv_sum = _seg_sum(pv_sh, sh.group, sh.n_groups)
-        w.view(-1)[sh.idx] = g_sh + pv_sum.index_select(0, sh.group)
-    w_sh = w.view(-1)[sh.idx]
+        w.view(-1).index_copy_(0, sh.idx, g_sh + pv_sum.index_select(0, sh.group))
+    w_sh = w.view(-1).index_select(0, sh.idx)
     first = (~sh.is_dup).nonzero().squeeze(1)  # one copy per (image, class)
     dup = sh.is_dup.nonzero().squeeze(1)
-    dup_idx, dup_img = sh.idx[dup], sh.img[dup]
+    dup_idx, dup_img = sh.idx.index_select(0, dup), sh.img.index_select(0, dup)
     n_pat = sh.n_patterns
-    pat_first = sh.pattern[first]
-    g_out = row_sums - _seg_sum(g.sum(1, dtype=f64), pair_img, batch) + _seg_sum(
-        g_sh[dup].to(f64), dup_img, batch
+    pat_first = sh.pattern.index_select(0, first)
+    g_rows = _row_sums64(g)  # (P,)
+    g_out = row_sums - _seg_sum(g_rows, pair_img, batch) + _seg_sum(
+        g_sh.index_select(0, dup).to(f64), dup_img, batch
     )  # (B,) Σ_{j∉U} pᵍ_j
     weight = torch.cat([
-        (w.sum(1, dtype=f64) - _seg_sum(w_sh.to(f64), sh.pair, n_pairs)).clamp_min(0.0),
-        _seg_sum(w_sh[first].to(f64), pat_first, n_pat),
+        (_row_sums64(w) - _seg_sum(w_sh.to(f64), sh.pair, n_pairs)).clamp_min(0.0),
+        _seg_sum(w_sh.index_select(0, first).to(f64), pat_first, n_pat),
         g_out.clamp_min(0.0),
     ])  # (N,)
     start = torch.cat([
-        (g.sum(1, dtype=f64) - _seg_sum(g_sh.to(f64), sh.pair, n_pairs)).clamp_min(0.0),
-        _seg_sum(g_sh[first].to(f64), pat_first, n_pat),
+        (g_rows - _seg_sum(g_sh.to(f64), sh.pair, n_pairs)).clamp_min(0.0),
+        _seg_sum(g_sh.index_select(0, first).to(f64), pat_first, n_pat),
         g_out.clamp_min(0.0),
     ])
     pat_img = torch.zeros(n_pat, dtype=torch.long, device=device).index_copy_(
-        0, pat_first, sh.img[first]
+        0, pat_first, sh.img.index_select(0, first)
     )
     node_img = torch.cat([pair_img, pat_img, torch.arange(batch, device=device)])
     n_act = active.sum(1).to(f64)
@@ -214,15 +256,15 @@ def _em_problem(
     # renormalise, so an unnormalised start could look better than its first step
     total = torch.where(n_act > 0, _seg_sum(start, node_img, batch), 1.0)
     start /= total.index_select(0, node_img)
-    inc, _ = torch.unique(sh.pattern * max(n_pairs, 1) + sh.pair, return_inverse=True)
+    inc = _unique(sh.pattern * max(n_pairs, 1) + sh.pair)
     arange_p = torch.arange(n_pairs, device=device)
     # f = Σ pᵍ log pᵍ + Σ pᵐ log pᵐ − Σ_j w_j log q_j − Σ d log R over U (outside U the
     # pᵍ log pᵍ cancel); with q_j = Q_n w_j / W_n: − Σ_j w_j log q_j = Σ_U w log w
     # − Σ_n W_n log W_n − Σ_n W_n log Q_n.
     slot_const = _plogp(g).sub_(_plogp(w))  # (P, S)
     const = (
-        _seg_sum(slot_const.sum(1, dtype=f64) + spec_const, pair_img, batch)
-        - _seg_sum(slot_const.view(-1)[dup_idx].to(f64), dup_img, batch)
+        _seg_sum(_row_sums64(slot_const) + spec_const, pair_img, batch)
+        - _seg_sum(slot_const.view(-1).index_select(0, dup_idx).to(f64), dup_img, batch)
         + _seg_sum(torch.xlogy(weight, weight), node_img, batch)
     )
     return _EMProblem(
@@ -352,10 +394,10 @@ def _node_solution(pr: _EMProblem, mass: Tensor) -> CompactSolution:
     q = pr.w * scale[:n_pairs, None].to(pr.w.dtype)  # (P, S)
     if pr.sh_idx.numel():
         sh_scale = scale.index_select(0, pr.sh_node).to(pr.w.dtype)
-        q.view(-1)[pr.sh_idx] = pr.w.view(-1)[pr.sh_idx] * sh_scale
+        q.view(-1).index_copy_(0, pr.sh_idx, pr.w.view(-1).index_select(0, pr.sh_idx) * sh_scale)
     alpha = torch.where(pr.has_pair & (w[-batch:] > 0), scale[-batch:], 1.0)  # (B,)
     repeat = pr.pad.clone() if pr.pad is not None else torch.zeros_like(q, dtype=torch.bool)
-    repeat.view(-1)[pr.dup_idx] = True
+    repeat.view(-1).index_fill_(0, pr.dup_idx, True)
     if pr.pad is not None:  # padding repeats the pair's first slot: harmless duplicate writes
         q = torch.where(pr.pad, q[:, :1], q)
     return CompactSolution(

@@ -161,8 +161,10 @@ class EnsembleEngine:
                 f"specialist {m} returned logits of shape {tuple(logits.shape)}, expected "
                 f"({images.shape[0]}, |class_sets[{m}]| + 1 = {width})"
             )
-        logits = logits.float() / self.temperatures[m]
-        logits[:, -1] += self.dustbin_biases[m]
+        logits = logits.float()
+        if self.temperatures[m] != 1.0 or self.dustbin_biases[m] != 0.0:  # else x / 1 + 0 = x
+            logits = logits / self.temperatures[m]
+            logits[:, -1] += self.dustbin_biases[m]
         return torch.softmax(logits, dim=1).to(self.device)
 
     def _routed_probs(self, images: Tensor, active: Tensor, sizes: list[int], like: Tensor) -> list[Tensor]:
@@ -207,13 +209,13 @@ class EnsembleEngine:
         sets = self._set_table(num_classes, p_general.device)
         if self.top_n > num_classes:
             raise ValueError(f"top_n={self.top_n} exceeds the generalist's C={num_classes} classes")
-        active = route(p_general, sets, self.top_n)  # (B, M)
+        g_top_prob, g_top = p_general.max(dim=1)  # (B,): the first maximum, as argmax
+        active = route(p_general, sets, self.top_n, top1=g_top)  # (B, M)
         if run_all:  # every specialist on every image, then the compact layout the solvers expect
             rows = [self.specialist_probs(m, images)[active[:, m]] for m in range(len(self.specialists))]
         else:
             rows = self._routed_probs(images, active, sets.size_list, p_general)
         logger.debug("batch %d: %.2f active specialists per image", batch, active.sum(1).float().mean())
-        g_top_prob, g_top = p_general.max(dim=1)
         q = topk_probs = topk_idx = None
         if self.method == "gradient":
             q = solve_gradient(p_general, sets, active, rows, tol=self.tol, max_iter=self.max_iter)

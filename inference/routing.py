@@ -24,10 +24,11 @@ def active_specialists(p_general: Tensor, class_sets: ClassSets, top_n: int = 1)
     return route(p_general, sets, top_n)
 
 
-def route(p_general: Tensor, sets: SetTable, top_n: int) -> Tensor:
-    """active_specialists on valid input: a row gather of the (C, M) membership matrix."""
+def route(p_general: Tensor, sets: SetTable, top_n: int, *, top1: Tensor | None = None) -> Tensor:
+    """active_specialists on valid input: a row gather of the (C, M) membership matrix.
+    ``top1``: p_general's argmax, if the caller has it already (top_n = 1)."""
     if top_n == 1:
-        top = p_general.argmax(dim=1)  # (B,)
+        top = p_general.argmax(dim=1) if top1 is None else top1  # (B,)
         return sets.member[top]  # (B, M)
     top = p_general.topk(top_n, dim=1).indices  # (B, n)
     return sets.member[top].any(dim=1)  # (B, n, M) -> (B, M)

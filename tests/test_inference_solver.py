@@ -397,3 +397,28 @@ def test_errors_name_the_bad_value():
         solve_kl_topk(pg, ps, sets, active, k=21)
     with pytest.raises(ValueError, match="q must be a tensor shaped like p_general"):
         kl_objective(pg[:2], pg, ps, sets, active)
+
+
+def test_em_helpers_match_plain_torch():
+    # the CPU fast paths of the EM setup against the plain torch they replace
+    from inference.em import _dense_ids, _row_sums64, _take, _unique
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(7, 11, generator=g)
+    rows, cols = torch.randint(0, 7, (50,), generator=g), torch.randint(0, 10, (50,), generator=g)
+    assert torch.equal(_take(x, rows, cols), x[rows, cols])
+    view = x[:, :-1]  # row-strided: read in place
+    assert torch.equal(_take(view, rows, cols), view[rows, cols])
+    bits = torch.randint(0, 99, (5, 6, 2), generator=g)
+    r3, c3 = torch.randint(0, 5, (30,), generator=g), torch.randint(0, 6, (30,), generator=g)
+    assert torch.equal(_take(bits, r3, c3), bits[r3, c3])
+    swapped = bits.transpose(0, 1)  # not row-major: the advanced index
+    assert torch.equal(_take(swapped, c3, r3), swapped[c3, r3])
+    key = torch.randint(0, 40, (300,), generator=g)
+    uniq, inverse = torch.unique(key, return_inverse=True)
+    ids, n = _dense_ids(key)
+    assert n == uniq.numel() and torch.equal(ids, inverse) and ids.dtype == torch.long
+    assert torch.equal(_unique(key), uniq)
+    assert _dense_ids(key[:0])[1] == 0
+    big = torch.rand(300, 301, generator=g)  # several pieces of rows
+    assert torch.equal(_row_sums64(big), big.sum(1, dtype=torch.float64))
