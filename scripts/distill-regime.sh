@@ -8,8 +8,10 @@
 # Then the test evaluation with every student, the ensemble and the control.
 #   bash scripts/distill-regime.sh configs/typefaces-iid-1000.yaml
 # Settings: SET (extra --set overrides of the chosen ensemble, e.g. "--set inference.top_n=2"),
-# EPOCHS, WIDE_HIDDEN (the wide students' glyph_cnn hidden units), CACHE_K (also a cached-teacher
-# student with that k, to measure what the cache costs).
+# EPOCHS, TEACHERS (the students of the generalist's size; default "ensemble generalist none", empty for
+# none), WIDE_HIDDEN (the wide students' glyph_cnn hidden units), WIDE_TEACHERS (default "ensemble none"),
+# CACHE_K (also a cached-teacher student with that k, to measure what the cache costs), CONTROL
+# (default true: the final evaluation reports the control too; false for a run without one).
 set -euo pipefail
 CONFIG=${1:?usage: distill-regime.sh CONFIG}
 S=${SPECIALISTS:-.venv/bin/specialists}
@@ -22,7 +24,7 @@ timed() {  # LABEL COMMAND...: run it, then print its wall time
   "$@"
   echo "$label: $((SECONDS - start)) s"
 }
-for teacher in ensemble generalist none; do
+for teacher in ${TEACHERS-ensemble generalist none}; do
   timed "distill $teacher" $S distill $C $D --set distill.teacher=$teacher
 done
 if [ -n "${CACHE_K:-}" ]; then
@@ -30,8 +32,8 @@ if [ -n "${CACHE_K:-}" ]; then
     --set distill.teacher_cache=true --set distill.cache_top_k=$CACHE_K --set distill.name=ensemble-cached-$CACHE_K
 fi
 W="--set distill.init=scratch --set distill.hidden=$WIDE_HIDDEN --set distill.lr=0.05 --set distill.warmup_epochs=1"
-for teacher in ensemble none; do
+for teacher in ${WIDE_TEACHERS-ensemble none}; do
   timed "distill wide $teacher" $S distill $C $D $W --set distill.teacher=$teacher \
     --set distill.name=wide-$WIDE_HIDDEN-$teacher
 done
-$S evaluate $C --set inference.control=true
+$S evaluate $C --set inference.control=${CONTROL:-true}

@@ -10,7 +10,7 @@
 #   infer     dustbin correction × top-n on val (the run's specialists; routed fits refitted per n)
 #   test      the chosen settings (BIAS, TOP_N) on test: generalist, ensemble, control
 #   coverage  table 4 with every class in exactly r = 1, 2, 3 sets (OUT/coverage-r), on test
-# Settings: SWEEP ("steps:lr ..."), CONTROL_LRS, SUBSET. The chosen SPEC_STEPS, SPEC_LR, CONTROL_LR, BIAS,
+# Settings: SWEEP ("steps:lr ..."), CONTROL_LRS, SUBSET, COVERAGES (default "1 2 3", in that order). The chosen SPEC_STEPS, SPEC_LR, CONTROL_LR, BIAS,
 # TOP_N are taken from the environment when set, otherwise from the val rows of OUT/sweep.tsv: the variant
 # with the largest gain over the generalist (the first listed on a tie). Writes OUT/sweep.tsv (one line per
 # val variant; OUT defaults to RUN-sweep) and OUT/chosen.txt. One job at a time on a small machine
@@ -126,7 +126,7 @@ for step in $STEPS; do
   coverage)
     spec_choice
     infer_choice
-    for r in 1 2 3; do
+    for r in ${COVERAGES:-1 2 3}; do
       dir="$OUT/coverage-$r"
       mkdir -p "$dir"
       gdst=$(run_path "$dir" generalist_dir)
