@@ -157,9 +157,12 @@ def test_fixed_size_sets_cover_every_class_and_cap_hubs():
     assert counts.min() >= 1 and counts.max() <= -(-m * k // c) == 2
     assert counts[7] == 2  # the hub is capped, not in all 6 sets
     # Each class's first set is the nearest one that still had room when it came up: the
-    # class nearest to a centroid overall sits in that centroid's set.
-    i, j = np.unravel_index(np.argsort(distances, axis=None)[1], distances.shape)
-    assert i in sets[j]
+    # class nearest to a centroid overall, the hub aside (its 6 distances tie, and an unstable
+    # sort orders ties differently on different CPUs), sits in that centroid's set.
+    others = distances.copy()
+    others[7] = np.inf
+    i, j = np.unravel_index(np.argmin(others), others.shape)
+    assert i != 7 and i in sets[j]
 
 
 def test_fixed_size_sets_on_planted_groups(planted):
