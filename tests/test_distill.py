@@ -3,6 +3,7 @@ engine, the stage (resumable, in evaluate and predict as a predictor)."""
 
 import json
 import math
+import re
 import shutil
 import signal
 import subprocess
@@ -196,6 +197,19 @@ def test_teacher_cache_with_every_class_trains_the_online_student(tiny_shards, r
     code, _, err = distill("distill.name=cached-alpha", "distill.teacher_cache=true", "distill.cache_top_k=12",
                            "distill.alpha=0.5")
     assert code == 0 and [f.stat().st_mtime_ns for f in files] == stamps  # reused, not rebuilt
+
+    # A cache made for other views (here: one view's fingerprint changed) stops the student with a
+    # one-line error naming the file, not a student trained on another image's targets.
+    from specialists.artifacts.teacher_cache import read_targets, write_targets
+
+    cached = read_targets(files[1])
+    cached.views[5] ^= 1
+    write_targets(files[1], cached)
+    code, _, err = distill("distill.name=cached-stale", "distill.teacher_cache=true", "distill.cache_top_k=12")
+    assert code == 2 and str(files[1]) in err and len(err.strip().splitlines()) == 1, err
+    first, last = map(int, re.search(r"cached for other training views \(images (\d+)\.\.(\d+) differ\)", err).groups())
+    assert first <= 5 <= last  # the batch that holds the changed view
+    assert not (layout.student("cached-stale").card).exists()
 
 
 def test_two_process_student_is_in_sync_and_evaluated_exactly(tiny_shards, run, tmp_path):
