@@ -10,11 +10,11 @@
 #   infer     dustbin correction × top-n on val (the run's specialists; routed fits refitted per n)
 #   test      the chosen settings (BIAS, TOP_N) on test: generalist, ensemble, control
 #   coverage  table 4 with every class in exactly r = 1, 2, 3 sets (OUT/coverage-r), on test
-# Settings: SWEEP ("steps:lr ..."), CONTROL_LRS, SUBSET, COVERAGES (default "1 2 3", in that order). The chosen SPEC_STEPS, SPEC_LR, CONTROL_LR, BIAS,
-# TOP_N are taken from the environment when set, otherwise from the val rows of OUT/sweep.tsv: the variant
-# with the largest gain over the generalist (the first listed on a tie). Writes OUT/sweep.tsv (one line per
-# val variant; OUT defaults to RUN-sweep) and OUT/chosen.txt. One job at a time on a small machine
-# (OMP_NUM_THREADS=1 beside other work).
+# Settings: SWEEP ("steps:lr ..."), CONTROL_LRS, SUBSET, COVERAGES (default "1 2 3", in that order).
+# The chosen SPEC_STEPS, SPEC_LR, CONTROL_LR, BIAS, TOP_N are taken from the environment when set,
+# otherwise from the val rows of OUT/sweep.tsv: the variant with the largest gain over the generalist
+# (the first listed on a tie). Writes OUT/sweep.tsv (one line per val variant; OUT defaults to
+# RUN-sweep) and OUT/chosen.txt. One job at a time on a small machine (OMP_NUM_THREADS=1 beside other work).
 set -euo pipefail
 CONFIG=${1:?usage: paper-regime.sh CONFIG [STEP...]}
 shift

@@ -168,7 +168,7 @@ class DistillConfig:
     warmup_epochs: float = 0.0
     # The teacher's top-k per training view computed once, reused by every student on the same views.
     # Off by default: the first student pays for it and gains nothing; each later one skips the
-    # teacher (Fashion-MNIST: 759 s vs 1,288 s a student, docs/RESULTS.md).
+    # teacher (measured in docs/RESULTS.md, "Distillation on Fashion-MNIST").
     teacher_cache: bool = False
     cache_top_k: int = 20  # classes kept per view in the cache (the rest of the mass spread evenly)
     checkpoint_every: int = 500

@@ -209,7 +209,7 @@ def test_teacher_cache_with_every_class_trains_the_online_student(tiny_shards, r
     assert code == 2 and str(files[1]) in err and len(err.strip().splitlines()) == 1, err
     first, last = map(int, re.search(r"cached for other training views \(images (\d+)\.\.(\d+) differ\)", err).groups())
     assert first <= 5 <= last  # the batch that holds the changed view
-    assert not (layout.student("cached-stale").card).exists()
+    assert not layout.student("cached-stale").card.exists()
 
 
 def test_two_process_student_is_in_sync_and_evaluated_exactly(tiny_shards, run, tmp_path):
