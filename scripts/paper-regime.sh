@@ -10,7 +10,10 @@
 #   infer     dustbin correction × top-n on val (the run's specialists; routed fits refitted per n)
 #   test      the chosen settings (BIAS, TOP_N) on test: generalist, ensemble, control
 #   coverage  table 4 with every class in exactly r = 1, 2, 3 sets (OUT/coverage-r), on test
-# Settings: SWEEP ("steps:lr ..."), CONTROL_LRS, SUBSET, COVERAGES (default "1 2 3", in that order).
+# Settings: SWEEP ("steps:lr ..."), CONTROL_LRS, SUBSET, COVERAGES (default "1 2 3", in that order),
+# COVERAGE_SPECIALISTS (sets per coverage run, default the config's; OUT/coverage-r-of-N when set),
+# TRAIN (the command that trains specialists, default S; e.g. `.venv/bin/accelerate launch --multi_gpu
+# --num_processes 2 -m specialists.cli` for one process per core, each training every 2nd specialist).
 # The chosen SPEC_STEPS, SPEC_LR, CONTROL_LR, BIAS, TOP_N are taken from the environment when set,
 # otherwise from the val rows of OUT/sweep.tsv: the variant with the largest gain over the generalist
 # (the first listed on a tie). Writes OUT/sweep.tsv (one line per val variant; OUT defaults to
@@ -20,6 +23,7 @@ CONFIG=${1:?usage: paper-regime.sh CONFIG [STEP...]}
 shift
 STEPS=${*:-base sweep control full infer test coverage}
 S=${SPECIALISTS:-.venv/bin/specialists}
+T=${TRAIN:-$S}
 C="--config $CONFIG"
 . "$(dirname "$0")/sweep-lib.sh"
 RUN=$($S paths $C run_dir)
@@ -101,7 +105,7 @@ for step in $STEPS; do
     ;;
   full)
     control_choice
-    $S train-specialists $C --set specialists.steps=$SPEC_STEPS --set specialists.lr=$SPEC_LR
+    $T train-specialists $C --set specialists.steps=$SPEC_STEPS --set specialists.lr=$SPEC_LR
     $S train-control $C --set specialists.steps=$SPEC_STEPS --set specialists.lr=$SPEC_LR --set control.lr=$CONTROL_LR
     ;;
   infer)
@@ -127,15 +131,17 @@ for step in $STEPS; do
     spec_choice
     infer_choice
     for r in ${COVERAGES:-1 2 3}; do
-      dir="$OUT/coverage-$r"
+      n=${COVERAGE_SPECIALISTS:+-of-$COVERAGE_SPECIALISTS}
+      dir="$OUT/coverage-$r$n"
       mkdir -p "$dir"
       gdst=$(run_path "$dir" generalist_dir)
       [ -e "$gdst" ] || cp -r "$(run_path "$RUN" generalist_dir)" "$gdst"
       o="--set run_dir=$dir --set clustering.coverage=$r --set specialists.steps=$SPEC_STEPS --set specialists.lr=$SPEC_LR"
+      [ -z "$n" ] || o="$o --set clustering.num_specialists=$COVERAGE_SPECIALISTS"
       $S cluster $C $o > /dev/null
-      $S train-specialists $C $o --set inference.top_n=$TOP_N
+      $T train-specialists $C $o --set inference.top_n=$TOP_N
       $S evaluate $C $o --set inference.bias=$BIAS --set inference.top_n=$TOP_N --set inference.control=false \
-        > "$OUT/coverage-$r.txt"
+        > "$OUT/coverage-$r$n.txt"
     done
     ;;
   *) echo "unknown step $step" >&2; exit 2 ;;
