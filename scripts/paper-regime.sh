@@ -130,14 +130,14 @@ for step in $STEPS; do
   coverage)
     spec_choice
     infer_choice
+    n=${COVERAGE_SPECIALISTS:+-of-$COVERAGE_SPECIALISTS}
     for r in ${COVERAGES:-1 2 3}; do
-      n=${COVERAGE_SPECIALISTS:+-of-$COVERAGE_SPECIALISTS}
       dir="$OUT/coverage-$r$n"
       mkdir -p "$dir"
       gdst=$(run_path "$dir" generalist_dir)
       [ -e "$gdst" ] || cp -r "$(run_path "$RUN" generalist_dir)" "$gdst"
-      o="--set run_dir=$dir --set clustering.coverage=$r --set specialists.steps=$SPEC_STEPS --set specialists.lr=$SPEC_LR"
-      [ -z "$n" ] || o="$o --set clustering.num_specialists=$COVERAGE_SPECIALISTS"
+      o="--set run_dir=$dir --set clustering.coverage=$r --set specialists.steps=$SPEC_STEPS --set specialists.lr=$SPEC_LR
+        ${COVERAGE_SPECIALISTS:+--set clustering.num_specialists=$COVERAGE_SPECIALISTS}"
       $S cluster $C $o > /dev/null
       $T train-specialists $C $o --set inference.top_n=$TOP_N
       $S evaluate $C $o --set inference.bias=$BIAS --set inference.top_n=$TOP_N --set inference.control=false \

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from conftest import ROOT, tiny_overrides, write_clusters
 
 from specialists.artifacts.model_card import read_card
+from specialists.artifacts.teacher_cache import CachedTargets, compress, read_targets, write_targets
 from specialists.config import load_config
 from specialists.data import ShardIndex, eval_batches, normalize
 from specialists.ensemble import load_ensemble
@@ -162,8 +163,6 @@ def _test_labels(shards: Path) -> list[tuple[int, int]]:
 
 
 def test_cached_top_k_rebuilds_within_its_stored_mass():
-    from specialists.artifacts.teacher_cache import CachedTargets, compress
-
     torch.manual_seed(0)
     q = torch.softmax(torch.randn(50, 30) * 3, dim=1)
     idx, probs, rest = compress(q, 5)
@@ -200,8 +199,6 @@ def test_teacher_cache_with_every_class_trains_the_online_student(tiny_shards, r
 
     # A cache made for other views (here: one view's fingerprint changed) stops the student with a
     # one-line error naming the file, not a student trained on another image's targets.
-    from specialists.artifacts.teacher_cache import read_targets, write_targets
-
     cached = read_targets(files[1])
     cached.views[5] ^= 1
     write_targets(files[1], cached)
