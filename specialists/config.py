@@ -9,6 +9,7 @@ two-stage ``--config``). An unknown key or a value of the wrong type is a
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -171,6 +172,8 @@ class DistillConfig:
     # teacher (measured in docs/RESULTS.md, "Distillation on Fashion-MNIST").
     teacher_cache: bool = False
     cache_top_k: int = 20  # classes kept per view in the cache (the rest of the mass spread evenly)
+    # the rest's mass is also cached softened at each of these T; distill.temperature must be one of them
+    cache_temperatures: tuple[float, ...] = (1.0, 2.0, 3.0, 4.0)
     checkpoint_every: int = 500
 
 
@@ -409,6 +412,12 @@ def _check_values(cfg: RunConfig, label: str) -> None:
                        ("distill.checkpoint_every", cfg.distill.checkpoint_every)):
         if value < 0:
             fail(key, f"expected ≥ 0, got {value}")
+    d = cfg.distill
+    if d.teacher_cache and not any(math.isclose(d.temperature, t) for t in d.cache_temperatures):
+        fail("distill.temperature", f"expected one of distill.cache_temperatures {list(d.cache_temperatures)} "
+             f"with distill.teacher_cache on, got {d.temperature:g} (add it there: a new cache is built)")
+    if any(not t > 0 for t in d.cache_temperatures):
+        fail("distill.cache_temperatures", f"expected values > 0, got {list(d.cache_temperatures)}")
     name = cfg.distill.name
     if cfg.control.lr is not None and not cfg.control.lr > 0:
         fail("control.lr", f"expected > 0 or null, got {cfg.control.lr}")

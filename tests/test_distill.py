@@ -22,6 +22,7 @@ from specialists.artifacts.teacher_cache import CachedTargets, compress, read_ta
 from specialists.config import load_config
 from specialists.data import ShardIndex, eval_batches, normalize
 from specialists.ensemble import load_ensemble
+from specialists.errors import DataError
 from specialists.layout import RunLayout
 from specialists.stages.distill import _teacher
 from specialists.stages.specialists import run as train_specialists
@@ -43,18 +44,18 @@ def test_distillation_loss_hand_computed():
     kl = sum(pi * (math.log(pi) - math.log(si)) for pi, si in zip(p, s, strict=True))
     ce = -math.log(math.exp(0.0) / sum(math.exp(v) for v in (2.0, 0.0, -1.0)))
     expected = alpha * temp**2 * kl + (1 - alpha) * ce
-    assert distillation_loss(z, t, y, alpha=alpha, temperature=temp).item() == pytest.approx(expected, rel=1e-6)
+    assert distillation_loss(z, t.log(), y, alpha=alpha, temperature=temp).item() == pytest.approx(expected, rel=1e-6)
 
 
 def test_distillation_loss_without_the_soft_term_is_cross_entropy():
     torch.manual_seed(0)
     z, t, y = torch.randn(8, 5), torch.softmax(torch.randn(8, 5), 1), torch.randint(0, 5, (8,))
     ce = F.cross_entropy(z, y)
-    assert torch.equal(distillation_loss(z, t, y, alpha=0.0, temperature=1.0), ce)
+    assert torch.equal(distillation_loss(z, t.log(), y, alpha=0.0, temperature=1.0), ce)
     assert torch.equal(distillation_loss(z, None, y, alpha=0.9, temperature=3.0), ce)
     # alpha = 1, T = 1: KL to the teacher, zero (and flat) when the student is the teacher
     logits = t.log().clone().requires_grad_()
-    loss = distillation_loss(logits, t, y, alpha=1.0, temperature=1.0)
+    loss = distillation_loss(logits, t.log(), y, alpha=1.0, temperature=1.0)
     loss.backward()
     assert loss.item() == pytest.approx(0.0, abs=1e-6) and logits.grad.abs().max() < 1e-6
 
@@ -80,10 +81,10 @@ def test_ensemble_teacher_is_the_engine_on_the_same_view(tiny_shards, run):
     x = normalize(images, cfg.data)
     teacher = _teacher(cfg, index, torch.device("cpu"))
     q = load_ensemble(cfg).engine.predict(x, return_q=True).q
-    assert torch.equal(teacher(x), q) and torch.allclose(q.sum(1), torch.ones(40))
+    assert torch.equal(teacher(x), q.clamp_min(1e-30).log()) and torch.allclose(q.sum(1), torch.ones(40))
     generalist = _teacher(load_config(ROOT / "configs/tiny.yaml", _overrides(tiny_shards, run, "distill.teacher=generalist")),
                           index, torch.device("cpu"))
-    assert torch.allclose(generalist(x), load_ensemble(cfg).engine.general_probs(x), atol=1e-6)
+    assert torch.allclose(generalist(x).exp(), load_ensemble(cfg).engine.general_probs(x), atol=1e-6)
 
 
 def _cmd(shards: Path, run: Path, *extra: str) -> list[str]:
@@ -162,18 +163,46 @@ def _test_labels(shards: Path) -> list[tuple[int, int]]:
     return out
 
 
+def _cached(q: torch.Tensor, k: int, temperatures: tuple[float, ...] = (1.0,)) -> CachedTargets:
+    return CachedTargets(*compress(q.log(), k, temperatures), np.zeros(len(q), dtype=np.uint32),
+                         np.asarray(temperatures, dtype=np.float32))
+
+
 def test_cached_top_k_rebuilds_within_its_stored_mass():
     torch.manual_seed(0)
     q = torch.softmax(torch.randn(50, 30) * 3, dim=1)
-    idx, probs, rest = compress(q, 5)
-    rebuilt = CachedTargets(idx, probs, rest, np.zeros(50, dtype=np.uint32)).targets(0, 50, 30)
+    rest = _cached(q, 5).rest
+    rebuilt = _cached(q, 5).log_targets(0, 50, 30).exp()
     assert torch.allclose(rebuilt.sum(1), torch.ones(50), atol=1e-6)
     top = q.topk(5, dim=1)
-    assert torch.equal(rebuilt.gather(1, top.indices), top.values)  # the top-k exactly
+    assert torch.allclose(rebuilt.gather(1, top.indices), top.values, rtol=1e-6)  # the top-k
     l1 = (rebuilt - q).abs().sum(1)
     assert (l1 <= 2 * torch.from_numpy(rest) + 1e-6).all() and l1.max() > 0
-    full = CachedTargets(*compress(q, 30), np.zeros(50, dtype=np.uint32)).targets(0, 50, 30)
-    assert torch.equal(full, q)  # k = C: the teacher itself
+    full = _cached(q, 30).log_targets(0, 50, 30).exp()
+    assert torch.allclose(full, q, rtol=1e-6, atol=0)  # k = C: the teacher itself
+
+
+def test_cached_targets_soften_like_the_teacher():
+    """At T > 1 the rebuilt target, softened, equals the softened teacher on its top-k and on the
+    rest's total; spreading the T = 1 rest evenly and softening after would inflate the rest."""
+    torch.manual_seed(1)
+    c, k = 200, 5
+    logits = torch.randn(40, c) * 5
+    logits[:, 0] += 15  # a confident teacher: 4% of the mass off its top-k
+    q = torch.softmax(logits, dim=1).double()
+    cached = _cached(q, k, (1.0, 2.0, 4.0))
+    top = q.topk(k, dim=1).indices
+    for temp in (2.0, 4.0):
+        exact = torch.softmax(q.log() / temp, dim=1)
+        rebuilt = torch.softmax(cached.log_targets(0, 40, c, temp).double() / temp, dim=1)
+        assert torch.allclose(rebuilt.gather(1, top), exact.gather(1, top), rtol=1e-5)
+        rest = 1 - exact.gather(1, top).sum(1)
+        assert torch.allclose(1 - rebuilt.gather(1, top).sum(1), rest, rtol=1e-4)
+        # the even T = 1 tail softened after: more mass off the top-k than the teacher puts there
+        naive = torch.softmax(cached.log_targets(0, 40, c, 1.0).double() / temp, dim=1)
+        assert ((1 - naive.gather(1, top).sum(1)) > 1.05 * rest).all()
+    with pytest.raises(DataError, match="no cached tail for temperature 3"):
+        cached.log_targets(0, 40, c, 3.0)
 
 
 def test_teacher_cache_with_every_class_trains_the_online_student(tiny_shards, run, tmp_path, cli):

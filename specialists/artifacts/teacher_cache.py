@@ -2,10 +2,17 @@
 the same views (as fast knowledge-distillation systems do), read and written here only.
 
 One file per (epoch, process): for the i-th training image of that epoch's stream, the teacher's
-``k`` most probable classes and their probabilities, the mass left on the other classes, and a
-fingerprint of the augmented view it saw (so a student reading the cache is checked to see the
-very same view). A target is rebuilt by spreading the remaining mass evenly over the other
-classes: it differs from the teacher's distribution by at most twice that mass (L1).
+``k`` most probable classes and their log-probabilities, the mass left on the other classes, that
+mass once more as each cached temperature T softens it (Σ over the other classes of t^(1/T)), and
+a fingerprint of the augmented view it saw (so a student reading the cache is checked to see the
+very same view). At T = 1 a target is rebuilt by spreading the remaining mass evenly over the
+other classes: it differs from the teacher's distribution by at most twice that mass (L1).
+
+Softening commutes with the top-k (it keeps the order), so the softened teacher is rebuilt exactly
+on the top-k and on the total of the rest; only the rest's split is even. Spreading the T = 1 mass
+evenly and softening *after* would not do: an even tail is the flattest one, and at T = 2 it took
+a third of the softened target on 1,000 classes where the real tail held 0.5% of the mass
+(docs/RESULTS.md, "Distillation back into one net").
 """
 
 from __future__ import annotations
@@ -30,38 +37,53 @@ def view_fingerprints(images: torch.Tensor) -> np.ndarray:
 @dataclass
 class CachedTargets:
     indices: np.ndarray  # (N, k) int32, the teacher's top-k classes of each view
-    probs: np.ndarray  # (N, k) float32
-    rest: np.ndarray  # (N,) float32, 1 − Σ probs: the mass on the other C − k classes
+    log_probs: np.ndarray  # (N, k) float32, their log-probabilities
+    rest: np.ndarray  # (N,) float32, 1 − Σ probabilities: the mass on the other C − k classes
+    tails: np.ndarray  # (N, m) float32, Σ over the other classes of t^(1/T) for each cached T
     views: np.ndarray  # (N,) uint32 fingerprints of the views
+    temperatures: np.ndarray  # (m,) float32, the cached temperatures
 
     def __len__(self) -> int:
         return len(self.rest)
 
-    def targets(self, start: int, stop: int, num_classes: int) -> torch.Tensor:
-        """(stop − start, C) rebuilt distributions: top-k as stored, the rest spread evenly."""
+    def log_targets(self, start: int, stop: int, num_classes: int, temperature: float = 1.0) -> torch.Tensor:
+        """(stop − start, C) log t of the rebuilt teacher for a student softening at ``temperature``:
+        the top-k as stored, and each other class given (tail_T / (C − k))^T, so that
+        softmax(log t / T) holds the softened teacher exactly on the top-k and on the rest's total
+        (spread evenly). At T = 1, t is the remaining mass spread evenly: a distribution."""
+        hits = np.flatnonzero(np.isclose(self.temperatures, temperature))
+        if not len(hits):
+            raise DataError(f"no cached tail for temperature {temperature:g} (cached: "
+                            f"{', '.join(f'{t:g}' for t in self.temperatures)})")
         idx = torch.from_numpy(self.indices[start:stop].astype(np.int64))
-        probs = torch.from_numpy(self.probs[start:stop])
-        rest = torch.from_numpy(self.rest[start:stop]).clamp_min(0.0)
-        spread = rest / max(1, num_classes - idx.shape[1])
-        t = spread[:, None].expand(len(rest), num_classes).clone()
-        return t.scatter_(1, idx, probs)
+        log_probs = torch.from_numpy(self.log_probs[start:stop])
+        tail = torch.from_numpy(self.tails[start:stop, hits[0]]).double().clamp_min(1e-300)
+        spread = (temperature * (tail / max(1, num_classes - idx.shape[1])).log()).float()
+        t = spread[:, None].expand(len(tail), num_classes).clone()
+        return t.scatter_(1, idx, log_probs)
 
 
-def compress(q: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A teacher's (B, C) distributions → (top-k indices, their probabilities, the remaining mass)."""
-    probs, idx = q.float().topk(min(k, q.shape[1]), dim=1)
-    rest = (1.0 - probs.sum(1)).clamp_min(0.0)
-    return idx.int().cpu().numpy(), probs.cpu().numpy(), rest.cpu().numpy()
+def compress(log_q: torch.Tensor, k: int, temperatures: tuple[float, ...] = (1.0,)
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A teacher's (B, C) log-distributions → (top-k indices, their log-probabilities, the
+    remaining mass, (B, m) the remaining mass softened at each temperature: Σ over the other
+    classes of t^(1/T))."""
+    log_probs, idx = log_q.float().topk(min(k, log_q.shape[1]), dim=1)
+    rest = (1.0 - log_probs.double().exp().sum(1)).clamp_min(0.0)
+    others = log_q.double().scatter(1, idx.long(), -torch.inf)
+    tails = torch.stack([(others / t).exp().sum(1) for t in temperatures], dim=1)
+    return idx.int().cpu().numpy(), log_probs.cpu().numpy(), rest.float().cpu().numpy(), tails.float().cpu().numpy()
 
 
 def write_targets(path: Path, targets: CachedTargets) -> None:
-    atomic_write(path, lambda f: np.savez(f, indices=targets.indices, probs=targets.probs, rest=targets.rest,
-                                          views=targets.views))
+    atomic_write(path, lambda f: np.savez(f, indices=targets.indices, log_probs=targets.log_probs, rest=targets.rest,
+                                          tails=targets.tails, views=targets.views,
+                                          temperatures=targets.temperatures))
 
 
 def read_targets(path: Path) -> CachedTargets:
     try:
         with np.load(path) as z:
-            return CachedTargets(z["indices"], z["probs"], z["rest"], z["views"])
+            return CachedTargets(z["indices"], z["log_probs"], z["rest"], z["tails"], z["views"], z["temperatures"])
     except (OSError, ValueError, KeyError) as exc:
         raise DataError(f"{path}: not a readable teacher cache ({exc.__class__.__name__}); delete it to rebuild") from None

@@ -72,7 +72,8 @@ DESCRIPTION = ("Train a student on the soft targets of distill.teacher (ensemble
                "labels only) with loss alpha·T²·KL(teacher ‖ student) + (1 − alpha)·CE. Writes "
                "<run_dir>/students/<name>/ (weights + model card, metrics.jsonl); evaluate reports every student.")
 DECIDING = ("seed", *TRAIN_DATA_KEYS, "distill")
-NOT_DECIDING = ("distill.enabled", "distill.checkpoint_every", "distill.name")
+# the cached temperatures change the cache, not a student at one of them (its targets are the same)
+NOT_DECIDING = ("distill.enabled", "distill.checkpoint_every", "distill.name", "distill.cache_temperatures")
 SEED_OFFSET = 4099  # the student's data order and RNG differ from the generalist's
 
 
@@ -221,7 +222,7 @@ def _train(cfg: RunConfig, accelerator: Accelerator, *, force: bool) -> Path:
 
 
 def _teacher(cfg: RunConfig, index: ShardIndex, device: torch.device):
-    """normalised images (B, …) → the teacher's distribution (B, C), or None without a teacher."""
+    """normalised images (B, …) → log of the teacher's distribution (B, C), or None without a teacher."""
     teacher = cfg.distill.teacher
     if teacher == "none":
         return None
@@ -230,11 +231,12 @@ def _teacher(cfg: RunConfig, index: ShardIndex, device: torch.device):
 
         @torch.no_grad()
         def generalist(x: torch.Tensor) -> torch.Tensor:
-            return torch.softmax(model(x).float(), dim=1)
+            return torch.log_softmax(model(x).float(), dim=1)
 
         return generalist
     engine = load_ensemble(cfg, device).engine
-    return lambda x: engine.predict(x, return_q=True).q.clone()  # clone: out of inference mode, for the loss
+    # log q, floored as a distribution's zeros must be; clone: out of inference mode, for the loss
+    return lambda x: engine.predict(x, return_q=True).q.clone().clamp_min(1e-30).log()
 
 
 class CachedTeacher:
@@ -247,15 +249,17 @@ class CachedTeacher:
         return RunLayout(self.cfg.run_dir).teacher_cache(self.key, e, self.rank)
 
     def epoch(self, e: int) -> _WithTargets:
-        return _WithTargets(self.make_epoch(e), read_targets(self.path(e)), self.path(e), self.num_classes)
+        return _WithTargets(self.make_epoch(e), read_targets(self.path(e)), self.path(e), self.num_classes,
+                            self.cfg.distill.temperature)
 
 
 class _WithTargets:
     """An epoch's batches with the cached target of each view appended; a view that differs from the
     one the teacher saw stops training (the cache was made for another data stream)."""
 
-    def __init__(self, batches, targets: CachedTargets, path: Path, num_classes: int) -> None:
-        self.batches, self.targets, self.path, self.num_classes = batches, targets, path, num_classes
+    def __init__(self, batches, targets: CachedTargets, path: Path, num_classes: int, temperature: float) -> None:
+        self.batches, self.targets, self.path = batches, targets, path
+        self.num_classes, self.temperature = num_classes, temperature
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -267,7 +271,7 @@ class _WithTargets:
             if not np.array_equal(view_fingerprints(images), self.targets.views[start:stop]):
                 raise DataError(f"{self.path}: cached for other training views (images {start}..{stop - 1} differ); "
                                 "delete the cache to rebuild it")
-            yield images, labels, self.targets.targets(start, stop, self.num_classes)
+            yield images, labels, self.targets.log_targets(start, stop, self.num_classes, self.temperature)
             start = stop
 
 
@@ -276,11 +280,14 @@ def _cached_teacher(cfg: RunConfig, decided: dict[str, Any], make_epoch, teacher
     """Build the missing epochs of the teacher cache (each process its own views), then read from it.
 
     The cache is keyed by what its targets depend on — the teacher, the data and its order, the
-    number of processes and k — not by the student: every student trained on these views shares it.
+    number of processes, k and the cached temperatures — not by the student: every student trained
+    on these views at one of those temperatures shares it.
     """
     keep = {k: v for k, v in decided.items()
             if k != "init" and (not k.startswith("distill.") or k in ("distill.teacher", "distill.cache_top_k"))}
     keep["world_size"] = accelerator.num_processes
+    temperatures = cfg.distill.cache_temperatures
+    keep["distill.cache_temperatures"] = list(temperatures)
     key = hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
     cache = CachedTeacher(cfg, key, make_epoch, accelerator.process_index, num_classes)
     k = cfg.distill.cache_top_k
@@ -292,8 +299,9 @@ def _cached_teacher(cfg: RunConfig, decided: dict[str, Any], make_epoch, teacher
         with torch.no_grad():
             for images, _ in make_epoch(e):
                 x = normalize(images.to(accelerator.device, non_blocking=True), cfg.data)
-                parts.append((*compress(teacher(x), k), view_fingerprints(images)))
-        write_targets(path, CachedTargets(*(np.concatenate([p[i] for p in parts]) for i in range(4))))
+                parts.append((*compress(teacher(x), k, temperatures), view_fingerprints(images)))
+        arrays = (np.concatenate([p[i] for p in parts]) for i in range(5))
+        write_targets(path, CachedTargets(*arrays, temperatures=np.asarray(temperatures, dtype=np.float32)))
         log.info("teacher cache: epoch %d of %d written (%s)", e + 1, cfg.distill.epochs, path)
     accelerator.wait_for_everyone()
     return cache

@@ -38,20 +38,20 @@ def specialist_loss(logits: torch.Tensor, general_logits: torch.Tensor | None, l
     return per.mean()
 
 
-def distillation_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor | None, labels: torch.Tensor, *,
+def distillation_loss(student_logits: torch.Tensor, teacher_log_probs: torch.Tensor | None, labels: torch.Tensor, *,
                       alpha: float, temperature: float) -> torch.Tensor:
     """Section 2: ``alpha · T² · KL(softmax(log t / T) ‖ softmax(z / T)) + (1 − alpha) · CE(z, y)``.
 
     ``alpha`` weighs the *soft* term (the paper's convention; some libraries put it on the hard
-    term). ``teacher_probs`` (B, C) is a distribution t (e.g. the ensemble's q of eq. 5), softened
-    at T as a teacher's logits would be: softmax(log t / T) ∝ t^(1/T). The T² keeps the soft
-    term's gradients on the scale of the hard term's as T changes. Without a teacher (or with
-    alpha = 0) it is the cross-entropy.
+    term). ``teacher_log_probs`` (B, C) is log t of a distribution t (e.g. the ensemble's q of
+    eq. 5), softened at T as a teacher's logits would be: softmax(log t / T) ∝ t^(1/T). The T²
+    keeps the soft term's gradients on the scale of the hard term's as T changes. Without a
+    teacher (or with alpha = 0) it is the cross-entropy.
     """
     hard = F.cross_entropy(student_logits, labels)
-    if teacher_probs is None or alpha == 0:
+    if teacher_log_probs is None or alpha == 0:
         return hard
     t = temperature
-    target = F.softmax(teacher_probs.clamp_min(1e-30).log() / t, dim=1)
+    target = F.softmax(teacher_log_probs / t, dim=1)
     soft = F.kl_div(F.log_softmax(student_logits / t, dim=1), target, reduction="batchmean") * t * t
     return alpha * soft + (1 - alpha) * hard
