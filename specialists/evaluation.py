@@ -107,18 +107,26 @@ def evaluate_engines(engines: dict[str, EnsembleEngine], batches, *, data_cfg: D
     rows = []
     bar = progress(batches, main_process=accelerator.is_main_process, total=len(batches), desc=desc,
                    unit="batch", leave=False, count_images=lambda batch: int(batch[2].sum()))
-    for images, labels, valid in bar:
+    timed = [BASELINE, *names]
+    for i, (images, labels, valid) in enumerate(bar):
         x = normalize(images.to(device, non_blocking=True), data_cfg)
         labels, valid = labels.to(device), valid.to(device)
         covering = torch.zeros_like(labels)
         for s in sets:
             covering += torch.isin(labels, s).long()
         cols = [labels, covering]
-        with timers(BASELINE, int(valid.sum())):
-            ref.general_probs(x)  # the generalist alone: what one forward pass costs here
-        for n in names:
+        # Each batch starts with another predictor: whichever runs first shares the cores with the data
+        # workers decoding the next batch (measured: the generalist alone first, 0.36 against 0.15 ms
+        # / image for the same net later on 2 cores), so the order rotates to spread that evenly.
+        preds = {}
+        for n in timed[i % len(timed):] + timed[:i % len(timed)]:
             with timers(n, int(valid.sum())):
-                pred = engines[n].predict(x, return_q=True)
+                if n == BASELINE:
+                    ref.general_probs(x)  # the generalist alone: what one forward pass costs here
+                else:
+                    preds[n] = engines[n].predict(x, return_q=True)
+        for n in names:
+            pred = preds[n]
             if n == main:
                 p_general = pred.p_general  # (B, C)
                 cols += [pred.general_top1, union[p_general[:, union].argmax(1)]]

@@ -111,7 +111,7 @@ def test_kill_and_resume_the_student(tiny_shards, run, tmp_path):
     saved = _newest_step(student.checkpoints)
     assert not student.weights.exists() and 15 <= saved < 36, "finished before it could be killed"
     result = subprocess.run(_cmd(tiny_shards, runs["killed"], "distill.alpha=0.5"), capture_output=True, text=True)
-    assert result.returncode == 2 and "checkpoints made with distill.alpha=0.9, the config now says 0.5" in result.stderr
+    assert result.returncode == 2 and "checkpoints made with distill.alpha=0.3, the config now says 0.5" in result.stderr
     result = subprocess.run(_cmd(tiny_shards, runs["killed"]), capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"at step {saved}" in result.stderr
