@@ -2,9 +2,8 @@
 the same views (as fast knowledge-distillation systems do), read and written here only.
 
 One file per (epoch, process): for the i-th training image of that epoch's stream, the teacher's
-``k`` most probable classes and their log-probabilities, the mass left on the other classes, that
-mass once more as each cached temperature T softens it (Σ over the other classes of t^(1/T)), and
-a fingerprint of the augmented view it saw (so a student reading the cache is checked to see the
+``k`` most probable classes and their log-probabilities, the mass left on the other classes as
+each cached temperature T softens it (Σ over the other classes of t^(1/T)), and a fingerprint of the augmented view it saw (so a student reading the cache is checked to see the
 very same view). At T = 1 a target is rebuilt by spreading the remaining mass evenly over the
 other classes: it differs from the teacher's distribution by at most twice that mass (L1).
 
@@ -38,13 +37,17 @@ def view_fingerprints(images: torch.Tensor) -> np.ndarray:
 class CachedTargets:
     indices: np.ndarray  # (N, k) int32, the teacher's top-k classes of each view
     log_probs: np.ndarray  # (N, k) float32, their log-probabilities
-    rest: np.ndarray  # (N,) float32, 1 − Σ probabilities: the mass on the other C − k classes
     tails: np.ndarray  # (N, m) float32, Σ over the other classes of t^(1/T) for each cached T
     views: np.ndarray  # (N,) uint32 fingerprints of the views
     temperatures: np.ndarray  # (m,) float32, the cached temperatures
 
     def __len__(self) -> int:
-        return len(self.rest)
+        return len(self.views)
+
+    @property
+    def rest(self) -> np.ndarray:
+        """(N,) 1 − Σ of the top-k probabilities: the mass on the other C − k classes."""
+        return np.clip(1.0 - np.exp(self.log_probs.astype(np.float64)).sum(1), 0.0, None)
 
     def log_targets(self, start: int, stop: int, num_classes: int, temperature: float = 1.0) -> torch.Tensor:
         """(stop − start, C) log t of the rebuilt teacher for a student softening at ``temperature``:
@@ -64,19 +67,17 @@ class CachedTargets:
 
 
 def compress(log_q: torch.Tensor, k: int, temperatures: tuple[float, ...] = (1.0,)
-             ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """A teacher's (B, C) log-distributions → (top-k indices, their log-probabilities, the
-    remaining mass, (B, m) the remaining mass softened at each temperature: Σ over the other
-    classes of t^(1/T))."""
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A teacher's (B, C) log-distributions → (top-k indices, their log-probabilities, (B, m) the
+    remaining mass softened at each temperature: Σ over the other classes of t^(1/T))."""
     log_probs, idx = log_q.float().topk(min(k, log_q.shape[1]), dim=1)
-    rest = (1.0 - log_probs.double().exp().sum(1)).clamp_min(0.0)
     others = log_q.double().scatter(1, idx.long(), -torch.inf)
     tails = torch.stack([(others / t).exp().sum(1) for t in temperatures], dim=1)
-    return idx.int().cpu().numpy(), log_probs.cpu().numpy(), rest.float().cpu().numpy(), tails.float().cpu().numpy()
+    return idx.int().cpu().numpy(), log_probs.cpu().numpy(), tails.float().cpu().numpy()
 
 
 def write_targets(path: Path, targets: CachedTargets) -> None:
-    atomic_write(path, lambda f: np.savez(f, indices=targets.indices, log_probs=targets.log_probs, rest=targets.rest,
+    atomic_write(path, lambda f: np.savez(f, indices=targets.indices, log_probs=targets.log_probs,
                                           tails=targets.tails, views=targets.views,
                                           temperatures=targets.temperatures))
 
@@ -84,6 +85,6 @@ def write_targets(path: Path, targets: CachedTargets) -> None:
 def read_targets(path: Path) -> CachedTargets:
     try:
         with np.load(path) as z:
-            return CachedTargets(z["indices"], z["log_probs"], z["rest"], z["tails"], z["views"], z["temperatures"])
+            return CachedTargets(z["indices"], z["log_probs"], z["tails"], z["views"], z["temperatures"])
     except (OSError, ValueError, KeyError) as exc:
         raise DataError(f"{path}: not a readable teacher cache ({exc.__class__.__name__}); delete it to rebuild") from None

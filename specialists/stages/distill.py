@@ -235,8 +235,8 @@ def _teacher(cfg: RunConfig, index: ShardIndex, device: torch.device):
 
         return generalist
     engine = load_ensemble(cfg, device).engine
-    # log q, floored as a distribution's zeros must be; clone: out of inference mode, for the loss
-    return lambda x: engine.predict(x, return_q=True).q.clone().clamp_min(1e-30).log()
+    # log q, floored as a distribution's zeros must be (a new tensor, out of inference mode, for the loss)
+    return lambda x: engine.predict(x, return_q=True).q.clamp_min(1e-30).log()
 
 
 class CachedTeacher:
@@ -300,7 +300,7 @@ def _cached_teacher(cfg: RunConfig, decided: dict[str, Any], make_epoch, teacher
             for images, _ in make_epoch(e):
                 x = normalize(images.to(accelerator.device, non_blocking=True), cfg.data)
                 parts.append((*compress(teacher(x), k, temperatures), view_fingerprints(images)))
-        arrays = (np.concatenate([p[i] for p in parts]) for i in range(5))
+        arrays = (np.concatenate(column) for column in zip(*parts, strict=True))
         write_targets(path, CachedTargets(*arrays, temperatures=np.asarray(temperatures, dtype=np.float32)))
         log.info("teacher cache: epoch %d of %d written (%s)", e + 1, cfg.distill.epochs, path)
     accelerator.wait_for_everyone()
