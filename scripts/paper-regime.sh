@@ -12,8 +12,9 @@
 #   coverage  table 4 with every class in exactly r = 1, 2, 3 sets (OUT/coverage-r), on test
 # Settings: SWEEP ("steps:lr ..."), CONTROL_LRS, SUBSET, COVERAGES (default "1 2 3", in that order),
 # COVERAGE_SPECIALISTS (sets per coverage run, default the config's; OUT/coverage-r-of-N when set),
-# TRAIN (the command that trains specialists, default S; e.g. `.venv/bin/accelerate launch --multi_gpu
-# --num_processes 2 -m specialists.cli` for one process per core, each training every 2nd specialist).
+# TRAIN (the command that trains the generalist and the specialists, default S; e.g. `.venv/bin/accelerate
+# launch --multi_gpu --num_processes 2 -m specialists.cli` for one process per core: the generalist data-parallel,
+# each process training every 2nd specialist; a resumed generalist needs the process count it started with).
 # The chosen SPEC_STEPS, SPEC_LR, CONTROL_LR, BIAS, TOP_N are taken from the environment when set,
 # otherwise from the val rows of OUT/sweep.tsv: the variant with the largest gain over the generalist
 # (the first listed on a tie). Writes OUT/sweep.tsv (one line per val variant; OUT defaults to
@@ -75,7 +76,7 @@ for step in $STEPS; do
   case $step in
   base)
     $S prepare $C > /dev/null
-    $S train-generalist $C --resume
+    $T train-generalist $C --resume
     $S cluster $C
     ;;
   sweep)
@@ -85,7 +86,7 @@ for step in $STEPS; do
       mkdir -p "$dir"
       start_from "$RUN" "$dir"
       subset_clusters "$dir"
-      $S train-specialists $C --set run_dir="$dir" --set specialists.steps=$1 --set specialists.lr=$2
+      $T train-specialists $C --set run_dir="$dir" --set specialists.steps=$1 --set specialists.lr=$2
       val_variant "spec-$1-$2" "$dir" ensemble --set specialists.steps=$1 --set specialists.lr=$2 --set inference.control=false
     done
     ;;
