@@ -7,6 +7,8 @@
 #   sweep     specialists' steps × lr on val, on the first SUBSET sets (OUT/spec-*)
 #   control   the control's lr on val, at the matched steps of that subset (OUT/control-*)
 #   full      every specialist with the chosen steps/lr (SPEC_STEPS, SPEC_LR), and the control (CONTROL_LR)
+#             (full-specialists and full-control: one each, as two jobs side by side: the control counts
+#             the specialists still training at SPEC_STEPS, `train-control --planned`)
 #   infer     dustbin correction × top-n on val (the run's specialists; routed fits refitted per n)
 #   test      the chosen settings (BIAS, TOP_N) on test: generalist, ensemble, control
 #   coverage  table 4 with every class in exactly r = 1, 2, 3 sets (OUT/coverage-r), on test
@@ -104,10 +106,12 @@ for step in $STEPS; do
         --set control.lr=$lr --set inference.control=true
     done
     ;;
-  full)
+  full | full-specialists | full-control)
     control_choice
-    $T train-specialists $C --set specialists.steps=$SPEC_STEPS --set specialists.lr=$SPEC_LR
-    $S train-control $C --set specialists.steps=$SPEC_STEPS --set specialists.lr=$SPEC_LR --set control.lr=$CONTROL_LR
+    [ "$step" = full-control ] || $T train-specialists $C --set specialists.steps=$SPEC_STEPS --set specialists.lr=$SPEC_LR
+    planned=$([ "$step" = full-control ] && echo --planned || true)
+    [ "$step" = full-specialists ] || $S train-control $C --set specialists.steps=$SPEC_STEPS --set specialists.lr=$SPEC_LR \
+      --set control.lr=$CONTROL_LR $planned
     ;;
   infer)
     control_choice

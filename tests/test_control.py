@@ -68,3 +68,22 @@ def test_kill_and_resume_the_control(with_specialists, tiny_shards, tmp_path):
     a, b = (read_card(RunLayout(r).control) for r in (runs["ref"], runs["killed"]))
     assert a.sha256 == b.sha256, "the resumed control's weights differ from the uninterrupted one's"
     assert b.training["steps"] == 2 * SPECIALIST_STEPS and not control.checkpoints.exists()
+
+
+def test_planned_control_trains_beside_the_specialists(tiny_shards, tiny_generalist, tmp_path):
+    """Before the specialists exist the control refuses; --planned counts them at the configured steps, and
+    the finished count is checked again once their cards disagree."""
+    run = tmp_path / "run"
+    shutil.copytree(RunLayout(tiny_generalist).generalist.dir, RunLayout(run).generalist.dir)
+    write_clusters(run, ShardIndex.load(tiny_shards).class_names, SETS)
+    steps = ["specialists.steps=20", "specialists.checkpoint_every=0"]
+    result = subprocess.run(_cmd(tiny_shards, run, *steps), capture_output=True, text=True)
+    assert result.returncode == 2 and len(error_lines(result.stderr)) == 1, result.stderr
+    assert "specialist 0 missing" in result.stderr
+    result = subprocess.run([*_cmd(tiny_shards, run, *steps), "--planned"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert read_card(RunLayout(run).control).training["steps"] == 2 * 20
+    result = subprocess.run([*_cmd(tiny_shards, run, "specialists.steps=30"), "--planned"], capture_output=True,
+                            text=True)
+    assert result.returncode == 2 and len(error_lines(result.stderr)) == 1, result.stderr
+    assert "steps" in result.stderr and "retrain it with `specialists train-control --force`" in result.stderr

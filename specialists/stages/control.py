@@ -51,16 +51,23 @@ SEED_OFFSET = 7919  # the control's data order and initial RNG differ from the g
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="retrain even if finished")
+    p.add_argument("--planned", action="store_true",
+                   help="count specialists not yet trained at the configured specialists.steps, so the control can "
+                        "train beside them (a later run checks the count against their cards)")
 
 
-def matched_steps(cfg: RunConfig, index: ShardIndex) -> int:
-    """Steps of all specialists together, from their cards."""
+def matched_steps(cfg: RunConfig, index: ShardIndex, *, planned: bool = False) -> int:
+    """Steps of all specialists together, from their cards; with ``planned``, a specialist not yet
+    trained counts as the configured ``specialists.steps``."""
     layout = RunLayout(cfg.run_dir)
     clusters = load_clusters(layout.clusters, index.class_names)
     total = 0
     for m in clusters.ids:
         paths = layout.specialist(m)
         if not is_finished(paths):
+            if planned:
+                total += cfg.specialists.steps
+                continue
             raise UserError(f"{paths.weights}: specialist {m} missing; run `specialists train-specialists` "
                             "before the control")
         total += int(read_card(paths).training["steps"])
@@ -75,42 +82,42 @@ def deciding(cfg: RunConfig, index: ShardIndex, gcard: ModelCard, steps: int) ->
     return deciding_values(cfg, DECIDING, index=index, generalist=gcard.sha256, steps=steps, lr=control_lr(cfg))
 
 
-def is_done(cfg: RunConfig) -> bool:
+def is_done(cfg: RunConfig, *, planned: bool = False) -> bool:
     paths = RunLayout(cfg.run_dir).control
     if not is_finished(paths):
         return False
     index = ShardIndex.load(cfg.data.shards)
-    current = deciding(cfg, index, generalist_card(cfg, index), matched_steps(cfg, index))
+    current = deciding(cfg, index, generalist_card(cfg, index), matched_steps(cfg, index, planned=planned))
     check_same(read_card(paths).deciding, current, what=paths.card, made="the control trained",
                redo="retrain it with `specialists train-control --force`")
     return True
 
 
 def command(cfg: RunConfig, args: argparse.Namespace) -> int:
-    if not args.force and is_done(cfg):
+    if not args.force and is_done(cfg, planned=args.planned):
         log.info("control already trained: %s", RunLayout(cfg.run_dir).control.weights)
     else:
-        run(cfg, force=args.force)
+        run(cfg, force=args.force, planned=args.planned)
     print(RunLayout(cfg.run_dir).control.weights)
     return 0
 
 
-def run(cfg: RunConfig, *, force: bool = False) -> Path:
+def run(cfg: RunConfig, *, force: bool = False, planned: bool = False) -> Path:
     """Fine-tune a copy of the generalist for the specialists' total steps (main process only)."""
     accelerator = make_accelerator(cfg)
     paths = RunLayout(cfg.run_dir).control
     if accelerator.is_main_process:
         with tracked(accelerator, cfg, NAME):
-            _train(cfg, accelerator, force=force)
+            _train(cfg, accelerator, force=force, planned=planned)
     accelerator.wait_for_everyone()
     return paths.weights
 
 
-def _train(cfg: RunConfig, accelerator, *, force: bool) -> None:
+def _train(cfg: RunConfig, accelerator, *, force: bool, planned: bool) -> None:
     scfg = cfg.specialists
     paths = RunLayout(cfg.run_dir).control
     index = open_shards(cfg)
-    steps = matched_steps(cfg, index)
+    steps = matched_steps(cfg, index, planned=planned)
     model, gcard = load_generalist(cfg, index, accelerator.device)
     decided = deciding(cfg, index, gcard, steps)
     set_seed(cfg.seed + SEED_OFFSET)
