@@ -7,8 +7,9 @@
 #   sweep     specialists' steps × lr on val, on the first SUBSET sets (OUT/spec-*)
 #   control   the control's lr on val, at the matched steps of that subset (OUT/control-*)
 #   full      every specialist with the chosen steps/lr (SPEC_STEPS, SPEC_LR), and the control (CONTROL_LR)
-#             (full-specialists and full-control: one each, as two jobs side by side: the control counts
-#             the specialists still training at SPEC_STEPS, `train-control --planned`)
+#             (full-specialists and full-control: one each, as two jobs side by side; the control trains in
+#             OUT/full-control, counting the specialists still training at SPEC_STEPS (`train-control
+#             --planned`), and is copied into the run when finished)
 #   infer     dustbin correction × top-n on val (the run's specialists; routed fits refitted per n)
 #   test      the chosen settings (BIAS, TOP_N) on test: generalist, ensemble, control
 #   coverage  table 4 with every class in exactly r = 1, 2, 3 sets (OUT/coverage-r), on test
@@ -106,12 +107,21 @@ for step in $STEPS; do
         --set control.lr=$lr --set inference.control=true
     done
     ;;
-  full | full-specialists | full-control)
+  full | full-specialists)
     control_choice
-    [ "$step" = full-control ] || $T train-specialists $C --set specialists.steps=$SPEC_STEPS --set specialists.lr=$SPEC_LR
-    planned=$([ "$step" = full-control ] && echo --planned || true)
+    $T train-specialists $C --set specialists.steps=$SPEC_STEPS --set specialists.lr=$SPEC_LR
     [ "$step" = full-specialists ] || $S train-control $C --set specialists.steps=$SPEC_STEPS --set specialists.lr=$SPEC_LR \
-      --set control.lr=$CONTROL_LR $planned
+      --set control.lr=$CONTROL_LR
+    ;;
+  full-control)  # beside full-specialists: in a run directory of its own (one job per run_dir), then moved in
+    control_choice
+    cdir="$OUT/full-control"
+    mkdir -p "$cdir"
+    start_from "$RUN" "$cdir"
+    $S train-control $C --set run_dir="$cdir" --set specialists.steps=$SPEC_STEPS --set specialists.lr=$SPEC_LR \
+      --set control.lr=$CONTROL_LR --planned
+    dst=$(dirname "$(run_path "$RUN" control)")
+    [ -e "$dst" ] || { cp -r "$(dirname "$(run_path "$cdir" control)")" "$dst.tmp" && mv "$dst.tmp" "$dst"; }
     ;;
   infer)
     control_choice
