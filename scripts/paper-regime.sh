@@ -108,7 +108,7 @@ for step in $STEPS; do
     done
     ;;
   full | full-specialists)
-    control_choice
+    if [ "$step" = full ]; then control_choice; else spec_choice; fi
     $T train-specialists $C --set specialists.steps=$SPEC_STEPS --set specialists.lr=$SPEC_LR
     [ "$step" = full-specialists ] || $S train-control $C --set specialists.steps=$SPEC_STEPS --set specialists.lr=$SPEC_LR \
       --set control.lr=$CONTROL_LR

@@ -72,7 +72,7 @@ def test_kill_and_resume_the_control(with_specialists, tiny_shards, tmp_path):
 
 def test_planned_control_trains_beside_the_specialists(tiny_shards, tiny_generalist, tmp_path):
     """Before the specialists exist the control refuses; --planned counts them at the configured steps, and
-    the finished count is checked again once their cards disagree."""
+    a finished control made for another count is refused, not reused."""
     run = tmp_path / "run"
     shutil.copytree(RunLayout(tiny_generalist).generalist.dir, RunLayout(run).generalist.dir)
     write_clusters(run, ShardIndex.load(tiny_shards).class_names, SETS)
