@@ -11,7 +11,8 @@
 #             OUT/full-control, counting the specialists still training at SPEC_STEPS (`train-control
 #             --planned`), and is copied into the run when finished)
 #   infer     dustbin correction × top-n on val (the run's specialists; routed fits refitted per n)
-#   test      the chosen settings (BIAS, TOP_N) on test: generalist, ensemble, control
+#   test      the chosen settings (BIAS, TOP_N) on test: generalist, ensemble, control (routed fits refitted
+#             for TOP_N when BIAS=routed)
 #   coverage  table 4 with every class in exactly r = 1, 2, 3 sets (OUT/coverage-r), on test
 # Settings: SWEEP ("steps:lr ..."), CONTROL_LRS, SUBSET, COVERAGES (default "1 2 3", in that order),
 # COVERAGE_SPECIALISTS (sets per coverage run, default the config's; OUT/coverage-r-of-N when set),
@@ -137,8 +138,10 @@ for step in $STEPS; do
   test)
     control_choice
     infer_choice
-    $S train-specialists $C --set specialists.steps=$SPEC_STEPS --set specialists.lr=$SPEC_LR \
-      --refit-bias --set inference.top_n=$TOP_N > /dev/null
+    if [ "$BIAS" = routed ]; then  # only the routed fit depends on top-n
+      $S train-specialists $C --set specialists.steps=$SPEC_STEPS --set specialists.lr=$SPEC_LR \
+        --refit-bias --set inference.top_n=$TOP_N > /dev/null
+    fi
     $S evaluate $C --set specialists.steps=$SPEC_STEPS --set specialists.lr=$SPEC_LR --set control.lr=$CONTROL_LR \
       --set inference.bias=$BIAS --set inference.top_n=$TOP_N --set inference.control=true | tee "$OUT/test.txt"
     ;;
