@@ -6,7 +6,7 @@ never imports the pipeline (``specialists``) or ``inference``.
 """
 
 from clustering.covariance import CovarianceAccumulator
-from clustering.kmeans import cluster_classes, column_features, describe_method
+from clustering.kmeans import cluster_classes, column_features, describe_method, random_class_sets
 from clustering.quality import ErrorPairShare, chance_pair_share, error_pair_share
 from clustering.report import summary, write_report
 
@@ -18,6 +18,7 @@ __all__ = [
     "column_features",
     "describe_method",
     "error_pair_share",
+    "random_class_sets",
     "summary",
     "write_report",
 ]

@@ -40,9 +40,9 @@ from clustering.features import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["COLUMN_TREATMENTS", "METHODS", "cluster_classes", "column_features", "describe_method"]
+__all__ = ["COLUMN_TREATMENTS", "METHODS", "cluster_classes", "column_features", "describe_method", "random_class_sets"]
 
-METHODS = ("faiss", "minibatch")
+METHODS = ("faiss", "minibatch", "random")
 DEFAULT_N_INIT = 5
 DEFAULT_MAX_ITER = 50
 
@@ -88,10 +88,16 @@ def cluster_classes(
             When M K is not a multiple of C, fixed-size sets cover some classes
             once more than others, and the KL objective (section 5), one term per
             active specialist, then favours the classes held by more of them.
-        method: "faiss" (``faiss.Kmeans``, best of ``n_init`` restarts) or
+        method: "faiss" (``faiss.Kmeans``, best of ``n_init`` restarts),
             "minibatch" (scikit-learn ``MiniBatchKMeans`` fed batches of columns
             with ``partial_fit``: the paper's on-line k-means; best inertia of
-            ``n_init`` runs).
+            ``n_init`` runs) or "random": the ablation of the clustering, sets
+            drawn by ``seed`` without looking at ``cov`` (only its size C),
+            filled by the same rule from random (class, set) distances, so they
+            have exactly the sizes and coverage that ``classes_per_specialist``
+            / ``coverage`` give k-means. Without either option the k-means
+            clusters' sizes depend on the covariance; random sets are then an
+            even partition (sizes floor(C / M) or one more).
         seed: seeds initialisation, batch order and the random projection.
         columns: what is clustered, one of ``COLUMN_TREATMENTS``: "raw"
             columns, "zero_diagonal" (own variance set to 0), "correlation"
@@ -108,6 +114,10 @@ def cluster_classes(
         M sorted lists of class indices (python ints), one per specialist.
     """
     options = {"columns": columns, "normalize": normalize, "max_dim": max_dim, "seed": seed}
+    if method == "random":
+        c = cov.num_classes if isinstance(cov, CovarianceAccumulator) else check_cov(cov).shape[0]
+        _check_options(c, num_specialists, classes_per_specialist, method, columns, n_init, max_iter, max_dim, coverage)
+        return random_class_sets(c, num_specialists, classes_per_specialist, seed=seed, coverage=coverage)
     if isinstance(cov, CovarianceAccumulator):
         c = cov.num_classes
         _check_options(c, num_specialists, classes_per_specialist, method, columns, n_init, max_iter, max_dim, coverage)
@@ -122,21 +132,46 @@ def cluster_classes(
     else:
         centroids = _minibatch_kmeans(features, num_specialists, seed, n_init, max_iter)
     distances = _squared_distances(features, centroids)  # (C, M)
-    if coverage is not None:
-        sizes = np.full(num_specialists, coverage * c // num_specialists, dtype=np.int64)
-        sizes[: coverage * c % num_specialists] += 1
-        sets = _balanced_sets(distances, sizes, cap=coverage)
-    elif classes_per_specialist is None:
-        sets = _disjoint_sets(distances)
-    else:
-        size = min(classes_per_specialist, c)
-        sets = _balanced_sets(distances, np.full(num_specialists, size, dtype=np.int64),
-                              cap=-(-num_specialists * size // c))
+    sets = _assign(distances, classes_per_specialist, coverage, disjoint=_disjoint_sets)
     logger.info(
         "clustered %d classes into %d sets (method=%s, columns=%s, sizes %d..%d)",
         c, len(sets), method, columns, min(map(len, sets)), max(map(len, sets)),
     )
     return sets
+
+
+def random_class_sets(num_classes: int, num_specialists: int, classes_per_specialist: int | None = None, *,
+                      seed: int = 0, coverage: int | None = None) -> list[list[int]]:
+    """Seeded random class sets with the sizes and coverage of ``cluster_classes`` (the ablation of
+    the clustering: ``method="random"``); without ``classes_per_specialist`` or ``coverage``, an even
+    partition. Returns M sorted lists of class indices."""
+    distances = np.random.default_rng(seed).random((num_classes, num_specialists))  # (C, M)
+    sets = _assign(distances, classes_per_specialist, coverage, disjoint=_even_partition)
+    logger.info("drew %d random sets over %d classes (seed %d, sizes %d..%d)", len(sets), num_classes, seed,
+                min(map(len, sets)), max(map(len, sets)))
+    return sets
+
+
+def _assign(distances: np.ndarray, classes_per_specialist: int | None, coverage: int | None, *,
+            disjoint) -> list[list[int]]:
+    """Class sets from (C, M) class-to-set distances, by the sizes the options give."""
+    c, m = distances.shape
+    if coverage is not None:
+        sizes = np.full(m, coverage * c // m, dtype=np.int64)
+        sizes[: coverage * c % m] += 1
+        return _balanced_sets(distances, sizes, cap=coverage)
+    if classes_per_specialist is None:
+        return disjoint(distances)
+    size = min(classes_per_specialist, c)
+    return _balanced_sets(distances, np.full(m, size, dtype=np.int64), cap=-(-m * size // c))
+
+
+def _even_partition(distances: np.ndarray) -> list[list[int]]:
+    """Disjoint sets of floor(C / M) or one more classes, filled in order of distance."""
+    c, m = distances.shape
+    sizes = np.full(m, c // m, dtype=np.int64)
+    sizes[: c % m] += 1
+    return _balanced_sets(distances, sizes, cap=1)
 
 
 def describe_method(
@@ -154,7 +189,7 @@ def describe_method(
 ) -> dict[str, Any]:
     """The options of a ``cluster_classes`` call, for clusters.json's "method" field."""
     return {
-        "algorithm": "kmeans",
+        "algorithm": "random" if method == "random" else "kmeans",
         "method": method,
         "num_specialists": int(num_specialists),
         "classes_per_specialist": None if classes_per_specialist is None else int(classes_per_specialist),

@@ -101,7 +101,7 @@ class ClusteringConfig:
     num_specialists: int = 2
     classes_per_specialist: int | None = None  # None: disjoint k-means clusters
     coverage: int | None = None  # instead of classes_per_specialist: every class in this many sets
-    method: str = "faiss"  # faiss | minibatch
+    method: str = "faiss"  # faiss | minibatch | random (the ablation: seeded sets of the same sizes and coverage)
     columns: str = "correlation"  # raw | zero_diagonal | correlation (see docs/clustering-notes.md)
     normalize: bool = True  # unit-length columns before k-means
     top_k: int | None = None  # keep each image's k largest probabilities (large C)
@@ -145,6 +145,9 @@ class ControlConfig:
     for the specialists' total steps, with their optimiser and schedule."""
 
     lr: float | None = None  # None: specialists.lr (a fair rival chooses its own on val)
+    # K > 1: a plain ensemble of K copies, each with its own seed (data order, augmentation) and
+    # steps / K of the total; evaluate combines them with the generalist by the solver and by the mean
+    copies: int = 1
 
 
 @dataclass(frozen=True)
@@ -345,7 +348,7 @@ def _check_values(cfg: RunConfig, label: str) -> None:
         "data.typefaces.split": (cfg.data.typefaces.split, ("design", "renders")),
         "generalist.optimizer": (cfg.generalist.optimizer, ("sgd", "adamw")),
         "generalist.mixed_precision": (cfg.generalist.mixed_precision, ("auto", "no", "fp16", "bf16")),
-        "clustering.method": (cfg.clustering.method, ("faiss", "minibatch")),
+        "clustering.method": (cfg.clustering.method, ("faiss", "minibatch", "random")),
         "clustering.columns": (cfg.clustering.columns, ("raw", "zero_diagonal", "correlation")),
         "clustering.split": (cfg.clustering.split, ("train", "val", "test")),
         "specialists.head": (cfg.specialists.head, ("dustbin", "full")),
@@ -371,6 +374,7 @@ def _check_values(cfg: RunConfig, label: str) -> None:
         "generalist.keep_checkpoints": cfg.generalist.keep_checkpoints,
         "clustering.num_specialists": cfg.clustering.num_specialists,
         "clustering.batch_size": cfg.clustering.batch_size,
+        "control.copies": cfg.control.copies,
         "specialists.steps": cfg.specialists.steps,
         "specialists.eval_every": cfg.specialists.eval_every,
         "inference.top_n": cfg.inference.top_n,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -110,20 +111,80 @@ def load_ensemble(cfg: RunConfig, device: str | torch.device = "cpu") -> LoadedE
                           [layout.specialist(m).weights for m in clusters.ids], cards, choice)
 
 
-def load_control_engine(cfg: RunConfig, loaded: LoadedEnsemble) -> EnsembleEngine | None:
-    """The compute-matched control: the generalist with its fine-tuned copy as one "specialist" over all
-    classes (empty dustbin), combined by the same solver; None if it is not trained."""
-    paths = RunLayout(cfg.run_dir).control
-    if not is_finished(paths):
+def load_control_engine(cfg: RunConfig, loaded: LoadedEnsemble, copies: int = 1) -> EnsembleEngine | None:
+    """The compute-matched control: the generalist with its ``copies`` fine-tuned copies, each one
+    "specialist" over all classes (empty dustbin), combined by the same solver; None if not trained."""
+    family = RunLayout(cfg.run_dir).control_copies(copies)
+    if not all(is_finished(paths) for paths in family):
         return None
-    model, card = load_model(paths, device=loaded.engine.device)
-    if card.source_generalist != loaded.generalist_card.sha256:
-        raise UserError(f"{paths.weights}: the control was made from another generalist than "
-                        f"{loaded.generalist_path}; retrain it with `specialists train-control --force`")
+    models = []
+    for paths in family:
+        model, card = load_model(paths, device=loaded.engine.device)
+        if card.source_generalist != loaded.generalist_card.sha256:
+            raise UserError(f"{paths.weights}: the control was made from another generalist than "
+                            f"{loaded.generalist_path}; retrain it with `specialists train-control --force`")
+        models.append(WithEmptyDustbin(model))
     ref = loaded.engine
-    return EnsembleEngine(ref.generalist, [WithEmptyDustbin(model)], [torch.arange(loaded.num_classes)], [0.0],
-                          top_n=ref.top_n, method=ref.method, tol=ref.tol, max_iter=ref.max_iter,
-                          amp=amp_setting(cfg, ref.device), channels_last=ref.channels_last)
+    return EnsembleEngine(ref.generalist, models, [torch.arange(loaded.num_classes)] * len(models),
+                          [0.0] * len(models), top_n=ref.top_n, method=ref.method, tol=ref.tol,
+                          max_iter=ref.max_iter, amp=amp_setting(cfg, ref.device), channels_last=ref.channels_last)
+
+
+def control_name(copies: int, rule: str = "solver") -> str:
+    """A control's predictor name: ``control`` (one copy), ``control-x<K>`` (K copies, the solver),
+    ``control-x<K>-mean`` (K copies, the plain mean of probabilities)."""
+    name = "control" if copies == 1 else f"control-x{copies}"
+    return name if rule == "solver" else f"{name}-mean"
+
+
+def load_controls(cfg: RunConfig, loaded: LoadedEnsemble) -> dict[str, EnsembleEngine | MeanEnsemble]:
+    """Every trained control family of the run (``control/``, ``control-x<K>/``) as named predictors:
+    by the solver, and for K > 1 also by the plain mean (the two agree: with every member covering
+    every class, eq. 5's optimum is the mean; the mean is the independent check)."""
+    found: dict[str, EnsembleEngine | MeanEnsemble] = {}
+    for copies in RunLayout(cfg.run_dir).control_counts():
+        engine = load_control_engine(cfg, loaded, copies)
+        found[control_name(copies)] = engine
+        if copies > 1:
+            found[control_name(copies, "mean")] = MeanEnsemble(engine)
+    return found
+
+
+def load_predictors(cfg: RunConfig, loaded: LoadedEnsemble, *, controls: bool | None = None) -> dict[str, Any]:
+    """Every predictor of the run by name: ``ensemble``, the controls (``inference.control``, or
+    ``controls``) and every student (``student:<name>``); each has the engine's ``predict``."""
+    predictors: dict[str, Any] = {"ensemble": loaded.engine}
+    if cfg.inference.control if controls is None else controls:
+        predictors.update(load_controls(cfg, loaded))
+    predictors.update({f"student:{name}": student for name, student in load_students(cfg, loaded).items()})
+    return predictors
+
+
+class MeanEnsemble:
+    """The plain mean of the probabilities of an engine's generalist and members, each over every class
+    (a control's copies): q = (pᵍ + Σₖ pᵏ) / (1 + K), with the engine's ``predict`` interface."""
+
+    def __init__(self, engine: EnsembleEngine) -> None:
+        self.engine = engine
+        self.device = engine.device
+
+    @torch.inference_mode()
+    def predict(self, images: torch.Tensor, *, return_q: bool = False, top_k: int | None = None,
+                **_: object) -> EnsemblePrediction:
+        engine = self.engine
+        images = images.to(self.device, non_blocking=True)
+        p_general = engine.general_probs(images)  # (B, C)
+        q = p_general.clone()
+        for m in range(len(engine.specialists)):
+            q += engine.specialist_probs(m, images)[:, :-1]  # the empty dustbin dropped
+        q /= 1 + len(engine.specialists)
+        probs, idx = q.topk(top_k or 1, dim=1)
+        g_prob, g_top = p_general.max(dim=1)
+        active = torch.ones((len(q), len(engine.specialists)), dtype=torch.bool, device=q.device)
+        return EnsemblePrediction(top1=idx[:, 0], top1_prob=probs[:, 0], general_top1=g_top, general_top1_prob=g_prob,
+                                  active=active, q=q if return_q else None, p_general=p_general if return_q else None,
+                                  topk_indices=idx if top_k is not None else None,
+                                  topk_probs=probs if top_k is not None else None)
 
 
 class ModelPredictor:
@@ -136,16 +197,19 @@ class ModelPredictor:
         self.amp_dtype = (amp if isinstance(amp, torch.dtype) else torch.bfloat16) if amp and device.type == "cuda" else None
 
     @torch.inference_mode()
-    def predict(self, images: torch.Tensor, *, return_q: bool = False, **_: object) -> EnsemblePrediction:
+    def predict(self, images: torch.Tensor, *, return_q: bool = False, top_k: int | None = None,
+                **_: object) -> EnsemblePrediction:
         images = images.to(self.device, non_blocking=True)
         with torch.autocast(device_type=self.device.type, dtype=self.amp_dtype or torch.bfloat16,
                             enabled=self.amp_dtype is not None):
             logits = self.model(images)
         q = torch.softmax(logits.float(), dim=1)
-        prob, top1 = q.max(dim=1)
+        probs, idx = q.topk(top_k or 1, dim=1)
         empty = torch.zeros((len(q), 0), dtype=torch.bool, device=q.device)
-        return EnsemblePrediction(top1=top1, top1_prob=prob, general_top1=top1, general_top1_prob=prob, active=empty,
-                                  q=q if return_q else None, p_general=None)
+        return EnsemblePrediction(top1=idx[:, 0], top1_prob=probs[:, 0], general_top1=idx[:, 0],
+                                  general_top1_prob=probs[:, 0], active=empty, q=q if return_q else None,
+                                  p_general=None, topk_indices=idx if top_k is not None else None,
+                                  topk_probs=probs if top_k is not None else None)
 
 
 def load_students(cfg: RunConfig, loaded: LoadedEnsemble) -> dict[str, ModelPredictor]:

@@ -190,10 +190,12 @@ def _ratio(num: float, den: float) -> float | None:
     return float(num / den) if den else None
 
 
-def compute_metrics(records: Records, sets: list[list[int]], *, ids: list[int] | None = None) -> dict[str, Any]:
-    """The figures of metrics.json ("predictors", "conditional_subset", "specialists") from the records.
+def compute_metrics(records: Records, sets: list[list[int]], *, ids: list[int] | None = None,
+                    training_steps: dict[str, int] | None = None) -> dict[str, Any]:
+    """The figures of metrics.json ("predictors", "conditional_subset", "specialists", "cost") from the records.
 
-    ``sets`` are the class sets that ``records`` were made with; ``ids`` their specialist ids (default 0..M-1).
+    ``sets`` are the class sets that ``records`` were made with; ``ids`` their specialist ids (default 0..M-1);
+    ``training_steps``: predictor → optimiser steps trained after the generalist (the cost table's column).
     """
     col = records.columns
     label, covering = col["label"], col["covering"]
@@ -234,13 +236,12 @@ def compute_metrics(records: Records, sets: list[list[int]], *, ids: list[int] |
         e_ok, c_ok = col["ensemble.pred"] == label, col["control.pred"] == label
         predictors["ensemble"]["vs_control"] = {"change_correct": int(e_ok.sum() - c_ok.sum()),
                                                 "mcnemar": mcnemar(c_ok, e_ok)}
-    for name in records.names:
-        if name.startswith("student:"):  # a student against every other predictor: ensemble, controls, students
-            ok = col[f"{name}.pred"] == label
-            predictors[name]["vs"] = {
-                other: {"change_correct": int(ok.sum() - (col[f"{other}.pred"] == label).sum()),
-                        "mcnemar": mcnemar(col[f"{other}.pred"] == label, ok)}
-                for other in records.names if other != name}
+    for name in records.names:  # every predictor against every other: ensemble, controls, students
+        ok = col[f"{name}.pred"] == label
+        predictors[name]["vs"] = {
+            other: {"change_correct": int(ok.sum() - (col[f"{other}.pred"] == label).sum()),
+                    "mcnemar": mcnemar(col[f"{other}.pred"] == label, ok)}
+            for other in records.names if other != name}
     specialists = []
     ids = list(range(len(sets))) if ids is None else ids
     for m, s, (num, spec_ok, gen_ok) in zip(ids, sets, records.specialist_counts.tolist(), strict=True):
@@ -251,9 +252,11 @@ def compute_metrics(records: Records, sets: list[list[int]], *, ids: list[int] |
         main_ok = col[f"{records.names[0]}.pred"] == label
         for entry, routed in zip(specialists, records.routed.T, strict=True):
             entry.update(_routed_figures(routed, g_ok, main_ok))
+    steps = training_steps or {}
     cost = {name: {"forward_passes_per_image": 1.0 if name == BASELINE or name.startswith("student:")
                    else 1.0 + (predictors[name]["mean_active_specialists"] or 0.0),
-                   "ms_per_image": None if records.seconds.get(name) is None else 1000 * records.seconds[name]}
+                   "ms_per_image": None if records.seconds.get(name) is None else 1000 * records.seconds[name],
+                   "training_steps": steps.get(name)}
             for name in [BASELINE, *records.names]}
     return {"conditional_subset": {"num_examples": int(covered.sum()), "union_classes": len(union)},
             "predictors": predictors, "specialists": specialists, "cost": cost}
@@ -304,16 +307,18 @@ def format_tables(metrics: dict[str, Any]) -> str:
         mc = vs_control["mcnemar"]
         out.append(f"ensemble vs control: {vs_control['change_correct']:+d} correct, McNemar b={mc['b']} "
                    f"(control right only), c={mc['c']} (ensemble right only), p={mc['p_value']:.3g}")
-    for k in others:
+    for i, k in enumerate(others):  # each pair once, the later predictor against the earlier
         for other, v in preds[k].get("vs", {}).items():
+            if other not in others[:i] or (vs_control is not None and (k, other) == ("control", "ensemble")):
+                continue
             mc = v["mcnemar"]
             out.append(f"{k} vs {other}: {v['change_correct']:+d} correct, McNemar b={mc['b']} ({other} right only), "
                        f"c={mc['c']} ({k} right only), p={mc['p_value']:.3g}")
     if metrics.get("cost"):
         out += ["", "Cost per image (this machine, the same batches and threads)"]
-        rows = [[k, v["forward_passes_per_image"], None if v["ms_per_image"] is None else round(v["ms_per_image"], 3)]
-                for k, v in metrics["cost"].items()]
-        out.append(_table(["predictor", "forward passes", "ms / image"], rows))
+        rows = [[k, v["forward_passes_per_image"], None if v["ms_per_image"] is None else round(v["ms_per_image"], 3),
+                 v.get("training_steps")] for k, v in metrics["cost"].items()]
+        out.append(_table(["predictor", "forward passes", "ms / image", "training steps"], rows))
     out += ["", f"Conditional accuracy (table 3): {sub['num_examples']} examples whose class is in some "
                 f"specialist's set, predictions among the {sub['union_classes']} classes of the sets"]
     rows = [[BASELINE, preds[BASELINE]["conditional"]["correct"], _pct(preds[BASELINE]["conditional"]["accuracy"]), None]]

@@ -91,6 +91,19 @@ class RunLayout:
     def control(self) -> ModelPaths:
         return ModelPaths(self.root / "control")
 
+    def control_copies(self, copies: int) -> list[ModelPaths]:
+        """The fine-tuned copies of ``control.copies`` = K: ``control/`` for one (the one-copy control),
+        ``control-x<K>/<k>/`` for a plain ensemble of K."""
+        if copies == 1:
+            return [self.control]
+        return [ModelPaths(self.root / f"control-x{copies}" / f"{k:03d}") for k in range(copies)]
+
+    def control_counts(self) -> list[int]:
+        """The K of every control family with a finished card for each copy, sorted (1: ``control/``)."""
+        found = [int(p.name.removeprefix("control-x")) for p in self.root.glob("control-x*")
+                 if p.name.removeprefix("control-x").isdigit()]
+        return [k for k in sorted({1, *found}) if all(m.card.is_file() for m in self.control_copies(k))]
+
     @property
     def students_dir(self) -> Path:
         return self.root / "students"

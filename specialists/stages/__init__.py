@@ -16,6 +16,7 @@ from types import ModuleType
 from ..config import RunConfig
 from . import (
     cluster,
+    compare,
     control,
     distill,
     evaluate,
@@ -64,6 +65,7 @@ STAGES: tuple[Stage, ...] = (
     Stage(distill, in_pipeline=True, enabled=lambda cfg: cfg.distill.enabled),
     Stage(evaluate, in_pipeline=True),
     Stage(predict),
+    Stage(compare),
     Stage(paths),
 )
 

@@ -15,11 +15,12 @@ import logging
 from typing import Any
 
 from ..artifacts.metrics import write_metrics
+from ..artifacts.model_card import read_card
 from ..artifacts.predictions import write_predictions
 from ..config import RunConfig
 from ..context import make_accelerator, open_shards
 from ..data.pipeline import eval_batches
-from ..ensemble import LoadedEnsemble, load_control_engine, load_ensemble, load_students
+from ..ensemble import LoadedEnsemble, control_name, load_ensemble, load_predictors
 from ..errors import UserError
 from ..evaluation import BASELINE, Records, compute_metrics, evaluate_engines, format_tables
 from ..layout import RunLayout
@@ -81,15 +82,10 @@ def run(cfg: RunConfig, *, split: str = "test") -> dict[str, Any] | None:
     if loaded.class_names != index.class_names:
         raise UserError(f"{loaded.generalist_path}: the generalist's {loaded.num_classes} classes differ from "
                         f"{index.root}/classes.json ({index.num_classes} classes)")
-    engines = {"ensemble": loaded.engine}
-    if cfg.inference.control:
-        control = load_control_engine(cfg, loaded)
-        if control is None:
-            log.warning("inference.control is set but %s is missing (run `specialists train-control`); "
-                        "evaluating without the control", RunLayout(cfg.run_dir).control.weights)
-        else:
-            engines["control"] = control
-    engines.update({f"student:{name}": student for name, student in load_students(cfg, loaded).items()})
+    engines = load_predictors(cfg, loaded)
+    if cfg.inference.control and not any(name.startswith("control") for name in engines):
+        log.warning("inference.control is set but %s is missing (run `specialists train-control`); "
+                    "evaluating without the control", RunLayout(cfg.run_dir).control.weights)
     rank, world = accelerator.process_index, accelerator.num_processes
     batches = eval_batches(index, cfg.data, split, rank=rank, world_size=world, batch_size=cfg.inference.batch_size)
     records = evaluate_engines(engines, batches, data_cfg=cfg.data, accelerator=accelerator,
@@ -104,8 +100,9 @@ def run(cfg: RunConfig, *, split: str = "test") -> dict[str, Any] | None:
                           "tol": icfg.tol, "max_iter": icfg.max_iter},
             "models": {"generalist": {"path": str(loaded.generalist_path), "sha256": loaded.generalist_card.sha256},
                        "specialists": applied_corrections(loaded)},
+            "clustering": loaded.clusters.method,
             "baseline": BASELINE,
-            **compute_metrics(records, loaded.sets, ids=loaded.ids),
+            **compute_metrics(records, loaded.sets, ids=loaded.ids, training_steps=training_steps(cfg, loaded, engines)),
         }
         write_metrics(RunLayout(cfg.run_dir).metrics(split), metrics)
         log.info("metrics written to %s", RunLayout(cfg.run_dir).metrics(split))
@@ -115,6 +112,18 @@ def run(cfg: RunConfig, *, split: str = "test") -> dict[str, Any] | None:
         write_evaluation_report(cfg.run_dir, split, cfg=cfg)
     accelerator.wait_for_everyone()
     return metrics
+
+
+def training_steps(cfg: RunConfig, loaded: LoadedEnsemble, predictors: dict[str, Any]) -> dict[str, int]:
+    """Optimiser steps each predictor's models trained after the generalist, from their cards."""
+    layout = RunLayout(cfg.run_dir)
+    steps = {BASELINE: 0, "ensemble": sum(int(c.training.get("steps", 0)) for c in loaded.specialist_cards)}
+    for copies in layout.control_counts():
+        total = sum(int(read_card(p).training.get("steps", 0)) for p in layout.control_copies(copies))
+        steps[control_name(copies)] = steps[control_name(copies, "mean")] = total
+    for name in layout.student_names():
+        steps[f"student:{name}"] = int(read_card(layout.student(name)).training.get("steps", 0))
+    return {name: n for name, n in steps.items() if name == BASELINE or name in predictors}
 
 
 def write_records(cfg: RunConfig, split: str, records: Records, loaded: LoadedEnsemble) -> None:
