@@ -222,3 +222,34 @@ class DataLayout:
     def shard_pattern(split: str) -> str:
         """``%``-pattern of a split's shard names; ``byclass`` for the by-class shards."""
         return f"{split}-%06d.tar"
+
+
+@dataclass(frozen=True)
+class PackageLayout:
+    """The files of an exported package (``specialists export``): the run's models under the names
+    :class:`RunLayout` gives them (so a package loads as a run), plus its settings and manifest."""
+
+    root: Path
+
+    def __init__(self, root: str | Path) -> None:
+        object.__setattr__(self, "root", Path(root))
+
+    @property
+    def manifest(self) -> Path:
+        """Every other file's sha256 and size, the format and the project version."""
+        return self.root / "manifest.json"
+
+    @property
+    def settings(self) -> Path:
+        """Class names, preprocessing, inference settings, the applied dustbin corrections."""
+        return self.root / "package.json"
+
+    @property
+    def tar(self) -> Path:
+        """``export --tar``: the package as one archive beside it."""
+        return self.root.with_name(f"{self.root.name}.tar")
+
+    @property
+    def models(self) -> RunLayout:
+        """The models and ``clusters.json``, named as in a run directory."""
+        return RunLayout(self.root)

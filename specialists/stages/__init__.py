@@ -20,6 +20,7 @@ from . import (
     control,
     distill,
     evaluate,
+    export,
     generalist,
     import_generalist,
     paths,
@@ -65,6 +66,7 @@ STAGES: tuple[Stage, ...] = (
     Stage(distill, in_pipeline=True, enabled=lambda cfg: cfg.distill.enabled),
     Stage(evaluate, in_pipeline=True),
     Stage(predict),
+    Stage(export),
     Stage(compare),
     Stage(paths),
 )

@@ -40,11 +40,14 @@ import webdataset as wds
 from accelerate.utils import gather_object
 from PIL import Image
 
+from inference import EnsembleEngine, EnsemblePrediction
+
+from ..artifacts.package import Package, read_package
 from ..artifacts.shard_index import ShardIndex
 from ..config import RunConfig
 from ..context import make_accelerator
 from ..data.pipeline import IMAGE_KEYS, build_transform, normalize
-from ..ensemble import load_ensemble, load_students
+from ..ensemble import LoadedEnsemble, load_ensemble, load_predictors
 from ..errors import UserError
 from ..io import atomic_write
 from ..layout import RunLayout
@@ -57,20 +60,41 @@ HELP = "the ensemble's top-1 class for every image (works under accelerate launc
 DESCRIPTION = ("Batched top-1 of the ensemble over shards:DIR[:split], list:FILE (one image path per line) or an "
                "image folder (.png/.jpg/.jpeg, recursive). Writes one JSON line per image {input, class, name, prob, "
                "generalist_class}, or CSV (input,class,name,prob) for an output ending in .csv. Unreadable images "
-               "are named and skipped. --predictor student[:NAME] serves a distilled student instead (one "
-               "forward pass per image; its rows have no generalist_class).")
+               "are named and skipped. --predictor picks another predictor of the run: generalist, a control or a "
+               "distilled student (their rows have no generalist_class). --package PKG (from `specialists export`) "
+               "replaces --config: the package holds every setting.")
+USES_CONFIG = "optional"  # --config, or --package instead (which then switches the config off: _PackageAction)
+PREDICTOR_NAMES = "generalist, ensemble, control, control-x<K>, control-x<K>-mean or student[:NAME]"
+
+
+class _PackageAction(argparse.Action):
+    """``--package PKG``: the CLI then loads no config (and locks no run directory); the package has it all."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        setattr(namespace, self.dest, values)
+        namespace.uses_config = False  # read by specialists.cli after parsing (set_defaults ran before)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input", required=True, help="DIR | list:FILE | shards:DIR[:split]")
     p.add_argument("--output", required=True, help="predictions file: .jsonl (default) or .csv")
     p.add_argument("--predictor", default="ensemble",
-                   help="ensemble (default) | student[:NAME] (a distilled student; NAME defaults to distill.name, "
+                   help=f"{PREDICTOR_NAMES} (default ensemble; a student's NAME defaults to distill.name, "
                         "else distill.teacher)")
+    p.add_argument("--package", metavar="PKG", action=_PackageAction,
+                   help="an exported package (specialists export) instead of --config")
 
 
-def command(cfg: RunConfig, args: argparse.Namespace) -> int:
-    result = run(cfg, args.input, args.output, predictor=args.predictor)
+def command(cfg: RunConfig | None, args: argparse.Namespace) -> int:
+    package = None
+    if args.package is not None:
+        if args.config is not None or args.overrides:
+            raise UserError("--package PKG holds every setting: give it without --config or --set")
+        package = read_package(args.package)
+        cfg = package.config()
+    elif args.config is None:
+        raise UserError("predict needs --config (a run's config) or --package PKG (from `specialists export`)")
+    result = run(cfg, args.input, args.output, predictor=args.predictor, package=package)
     if result is not None:  # the main process
         print(f"{result.num_predicted} predictions written to {result.output} ({result.world_size} process(es)); "
               f"{len(result.skipped)} unreadable image(s) skipped")
@@ -145,7 +169,12 @@ def decode_image(data: bytes | Path, channels: int) -> torch.Tensor:
     source = io.BytesIO(data) if isinstance(data, bytes) else data
     with Image.open(source) as img:
         img.load()
-        array = torch.from_numpy(np.array(img.convert("L" if channels == 1 else "RGB")))
+        return image_to_tensor(img, channels)
+
+
+def image_to_tensor(img: Image.Image, channels: int) -> torch.Tensor:
+    """A PIL image → uint8 (channels, H, W): greyscale for one channel, else RGB."""
+    array = torch.from_numpy(np.array(img.convert("L" if channels == 1 else "RGB")))
     return array[None] if array.ndim == 2 else array.permute(2, 0, 1)
 
 
@@ -226,24 +255,64 @@ def _batches(source: FileInput | ShardInput, cfg: RunConfig, rank: int, world: i
 
 
 # ---------------------------------------------------------------------------------- the stage
-def _predictor(cfg: RunConfig, loaded, spec: str):
-    """The engine, or a student's predictor, named by ``--predictor``."""
+class GeneralistPredictor:
+    """The engine's generalist alone, with the engine's ``predict`` interface: q = pᵍ, no specialist active."""
+
+    def __init__(self, engine: EnsembleEngine) -> None:
+        self.engine = engine
+        self.device = engine.device
+
+    @torch.inference_mode()
+    def predict(self, images: torch.Tensor, *, return_q: bool = False, top_k: int | None = None,
+                **_: object) -> EnsemblePrediction:
+        p_general = self.engine.general_probs(images)  # (B, C)
+        g_prob, g_top = p_general.max(dim=1)  # the first maximum, as the engine's general_top1
+        probs, idx = p_general.topk(top_k or 1, dim=1)
+        empty = torch.zeros((len(p_general), 0), dtype=torch.bool, device=p_general.device)
+        return EnsemblePrediction(top1=g_top, top1_prob=g_prob, general_top1=g_top, general_top1_prob=g_prob,
+                                  active=empty, q=p_general if return_q else None,
+                                  p_general=p_general if return_q else None,
+                                  topk_indices=idx if top_k is not None else None,
+                                  topk_probs=probs if top_k is not None else None)
+
+
+def select_predictor(cfg: RunConfig, loaded: LoadedEnsemble, spec: str) -> tuple[str, Any]:
+    """``--predictor spec`` → (its full name, e.g. ``student:NAME``; the engine-like predictor)."""
     if spec == "ensemble":
-        return loaded.engine
+        return spec, loaded.engine
+    if spec == "generalist":
+        return spec, GeneralistPredictor(loaded.engine)
     kind, _, name = spec.partition(":")
-    if kind != "student":
-        raise UserError(f"--predictor {spec!r}: expected ensemble or student[:NAME]")
-    name = name or cfg.distill.name or cfg.distill.teacher
-    students = load_students(cfg, loaded)
-    if name not in students:
-        raise UserError(f"--predictor {spec!r}: no finished student {name!r} in {RunLayout(cfg.run_dir).students_dir} "
-                        f"(have: {', '.join(students) or 'none'}); run `specialists distill` first")
-    return students[name]
+    if kind == "student":
+        spec = f"student:{name or cfg.distill.name or cfg.distill.teacher}"
+    elif not spec.startswith("control"):
+        raise UserError(f"--predictor {spec!r}: expected {PREDICTOR_NAMES}")
+    predictors = load_predictors(cfg, loaded, controls=True)
+    if spec not in predictors:
+        what = f"student {spec.partition(':')[2]!r}" if kind == "student" else f"control {spec!r}"
+        stage = "distill" if kind == "student" else "train-control"
+        have = ", ".join(["generalist", *predictors])
+        raise UserError(f"--predictor {spec!r}: no finished {what} in {RunLayout(cfg.run_dir).root} "
+                        f"(have: {have}); run `specialists {stage}` first")
+    return spec, predictors[spec]
 
 
-def run(cfg: RunConfig, input_spec: str, output: str | Path, *, predictor: str = "ensemble") -> PredictResult | None:
+def open_predictor(cfg: RunConfig, device: str | torch.device, spec: str, *,
+                   package: Package | None = None) -> tuple[LoadedEnsemble, str, Any]:
+    """The run's (or package's) ensemble and the predictor ``spec`` names (see :func:`select_predictor`)."""
+    loaded = load_ensemble(cfg, device)
+    if package is not None:
+        engine = loaded.engine
+        package.check_applied(loaded.ids, engine.dustbin_biases, engine.temperatures)
+    name, model = select_predictor(cfg, loaded, spec)
+    return loaded, name, model
+
+
+def run(cfg: RunConfig, input_spec: str, output: str | Path, *, predictor: str = "ensemble",
+        package: Package | None = None) -> PredictResult | None:
     """Predict every image of ``input_spec`` and write ``output`` (.csv → CSV, else JSONL).
 
+    ``package``: the package ``cfg`` came from (its recorded corrections are checked against the engine).
     The main process returns what it wrote; other processes return None.
     """
     output = Path(output)
@@ -252,8 +321,7 @@ def run(cfg: RunConfig, input_spec: str, output: str | Path, *, predictor: str =
     source = parse_input(input_spec)
     accelerator = make_accelerator(cfg)
     rank, world = accelerator.process_index, accelerator.num_processes
-    loaded = load_ensemble(cfg, accelerator.device)
-    model = _predictor(cfg, loaded, predictor)
+    loaded, _, model = open_predictor(cfg, accelerator.device, predictor, package=package)
     names = loaded.class_names
     parts = output.parent / f".{output.name}.parts"
     if accelerator.is_main_process:
