@@ -14,7 +14,7 @@ that cannot be loaded raises :class:`~specialists.errors.UserError`.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -32,7 +32,7 @@ ImageLike = str | Path | Image.Image | torch.Tensor
 
 @dataclass(frozen=True)
 class Prediction:
-    """A batch's answers, one entry per image (B of them)."""
+    """A batch's answers, one entry per image (B of them); ``==`` compares all but ``q``."""
 
     top1: list[int]
     names: list[str]  # class names of top1
@@ -40,7 +40,7 @@ class Prediction:
     topk_indices: list[list[int]]  # (B, k)
     topk_probs: list[list[float]]  # (B, k)
     active: list[list[int]]  # ids of the specialists that ran (controls: the copies' indices; else empty)
-    q: torch.Tensor | None = None  # (B, C) float32 on the CPU, with return_q
+    q: torch.Tensor | None = field(default=None, compare=False)  # (B, C) float32 on the CPU, with return_q
 
 
 class Predictor:
