@@ -12,6 +12,10 @@ Images go through the evaluation transform of training (:func:`specialists.data.
 with ``train=False``, then :func:`normalize`). An image that cannot be read is named in a
 warning and skipped; the run goes on and reports how many were skipped.
 
+``--predictor`` names what answers (:func:`select_predictor`): ``ensemble``, ``generalist``, a
+control or a student; ``--package PKG`` reads an exported package instead of a run's config. The
+Python API (:mod:`specialists.api`) loads its predictors and decodes images with the same functions.
+
 Under ``accelerate launch`` process r predicts the r-th share (every P-th file, or every P-th
 shard) and writes its rows to ``.<output>.parts/`` next to the output; the main process merges
 them into ONE output holding every readable input exactly once, in input order (sorted paths,
